@@ -1,0 +1,59 @@
+# One entry point per job. `make run` shows the product working on this
+# machine (a local agent + coworkctl); `make test` installs what it needs and
+# runs every test tier that this machine can run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+TOOLS := .tools
+PROTO_SRC := $(wildcard proto/cowork/agent/v1/*.proto)
+GEN_DIR := cowork/agent/v1
+
+.PHONY: setup tools proto proto-check lint test test-unit e2e bench bench-quick run clean
+
+setup: $(VENV)/.stamp tools
+
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# System and third-party tools the tests use (sshd, Claude Code CLI, ...).
+# Each installer is idempotent and cached under $(TOOLS)/.
+tools:
+	@bash scripts/install-tools.sh
+
+proto: $(VENV)/.stamp
+	@bash scripts/gen-proto.sh $(PY) .
+
+# Fails when the committed generated code differs from what `make proto` makes.
+proto-check: $(VENV)/.stamp
+	@bash scripts/gen-proto.sh $(PY) --check
+
+lint: $(VENV)/.stamp
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations --exclude-regex 'cowork/agent/v1/.*' host_client guest_agent
+
+test: setup proto-check lint
+	$(BIN)/pytest -q
+
+e2e: setup
+	$(BIN)/pytest -q -m vm tests/vm
+
+bench: setup
+	$(PY) -m bench.run --out bench/results
+
+bench-quick: setup
+	$(PY) -m bench.run --quick --out bench/results
+
+# The main job on a machine without a VM: start the embedded local agent and
+# drive it with coworkctl.
+run: setup
+	@bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""Defaults shared by the guest agent and the host client: the one place they live.
+
+Everything here is part of how the two sides find and trust each other, so a
+value changed here changes both. Deliberately import-free (no grpc) so the CLI
+can read it on its fast path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+AGENT_VERSION = "0.1.0"
+# Bumped on every additive change to proto/ (see agent.proto).
+PROTOCOL_VERSION = 1
+
+# Auth: `authorization: Bearer <token>` on every RPC.
+AUTH_METADATA_KEY = "authorization"
+AUTH_SCHEME = "Bearer"
+TOKEN_BYTES = 32
+
+# Guest-side locations (what lima/ provisioning installs).
+GUEST_WORKSPACE = "/workspace"
+GUEST_STATE_DIR = "/run/cowork"
+GUEST_SOCKET = "/run/cowork/agent.sock"
+GUEST_TOKEN_FILE = "/etc/cowork/token"
+GUEST_INSTALL_DIR = "/opt/cowork"
+VSOCK_PORT = 7070
+
+# Host-side.
+DEFAULT_VM_NAME = "cowork"
+LIMA_HOST_SOCKET_NAME = "cowork-agent.sock"  # under {{.Dir}}/sock/
+LIMA_TOKEN_NAME = "cowork-token"  # under the Lima instance dir, 0600
+
+# Process handling.
+KILL_GRACE_SECONDS = 1.0
+OUTPUT_CHUNK = 64 * 1024
+OUTPUT_QUEUE_CHUNKS = 16
+RUN_OUTPUT_LIMIT = 16 * 1024 * 1024
+DEFAULT_TERM = "xterm-256color"
+
+# Files.
+FILE_CHUNK = 256 * 1024
+MAX_FILE_CHUNK = 1024 * 1024
+LIST_LIMIT = 100_000
+
+# gRPC message cap: a chunk plus framing, with room to spare.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+
+
+def state_dir() -> Path:
+    """Per-user state directory of the embedded local agent (socket, token, log)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(base) / "cowork"
+
+
+def local_socket() -> Path:
+    return state_dir() / "agent.sock"
+
+
+def local_token_file() -> Path:
+    return state_dir() / "token"
+
+
+def local_workspace() -> Path:
+    """The local agent's workspace root (COWORK_WORKSPACE, as in the seed)."""
+    return Path(os.environ.get("COWORK_WORKSPACE") or Path.home() / "cowork-workspace")
+
+
+def lima_home() -> Path:
+    return Path(os.environ.get("LIMA_HOME") or Path.home() / ".lima")
+
+
+def vm_name() -> str:
+    return os.environ.get("COWORK_VM_NAME") or DEFAULT_VM_NAME

@@ -1,0 +1,119 @@
+"""`cowork-agent` / `python -m guest_agent`: the command line of the guest agent."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import stat
+import sys
+
+from cowork.defaults import AGENT_VERSION, GUEST_WORKSPACE, KILL_GRACE_SECONDS
+
+EPILOG = """\
+listen addresses (repeatable):
+  unix:PATH         unix socket, created 0600 (0660 + group with --socket-group)
+  tcp:HOST:PORT     TCP; only loopback hosts unless --allow-remote
+  vsock:PORT        AF_VSOCK on any CID (relayed into the gRPC server; see docs)
+  vsock:CID:PORT    AF_VSOCK on one CID
+
+every RPC needs the metadata 'authorization: Bearer <token>' where <token> is
+the content of --token-file (only grpc.health.v1.Health is open).
+
+example:
+  cowork-agent --listen unix:/run/cowork/agent.sock --token-file /etc/cowork/token \\
+               --root /workspace --log-format json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cowork-agent",
+        description="The cowork guest agent: runs processes, moves files and drives Claude Code "
+        "inside the sandbox VM for an authenticated host client.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                   help="address to serve on (repeatable; see below)")
+    p.add_argument("--token-file", required=True, metavar="PATH",
+                   help="file holding the shared secret (must not be world-readable)")
+    p.add_argument("--root", action="append", default=[], metavar="DIR",
+                   help=f"workspace root the Files service is confined to (repeatable; "
+                        f"default {GUEST_WORKSPACE})")
+    p.add_argument("--unrestricted-files", action="store_true",
+                   help="let Files RPCs reach any path (no confinement)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="make unix sockets 0660 and owned by GROUP (e.g. for Lima's forwarder)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow tcp: listeners on non-loopback addresses")
+    p.add_argument("--kill-grace", type=float, default=KILL_GRACE_SECONDS, metavar="SECONDS",
+                   help="time between SIGTERM and SIGKILL when a process group is stopped")
+    p.add_argument("--claude-bin", metavar="PATH",
+                   help="Claude Code CLI to run (default: $COWORK_CLAUDE_BIN, then PATH)")
+    p.add_argument("--run-as", metavar="USER",
+                   help="run Claude Code as this user when the agent is root")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-file", metavar="PATH", help="write logs here instead of stderr")
+    p.add_argument("--version", action="version", version=f"cowork-agent {AGENT_VERSION}")
+    return p
+
+
+def read_token(path: str) -> bytes:
+    """Read the shared secret, refusing files other users could read."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise SystemExit(f"cowork-agent: cannot read token file {path}: {exc.strerror}") from None
+    if st.st_mode & stat.S_IROTH:
+        raise SystemExit(f"cowork-agent: token file {path} is world-readable; chmod 600 it")
+    if len(token) < 16:
+        raise SystemExit(f"cowork-agent: token in {path} is too short (need >= 16 bytes)")
+    return token
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from . import logs
+    from .config import AgentConfig
+    from .listeners import ListenError
+    from .server import AgentServer
+
+    logs.setup(args.log_format, args.log_level, args.log_file)
+    if args.kill_grace < 0:
+        raise SystemExit("cowork-agent: --kill-grace must be >= 0")
+    roots = args.root or [GUEST_WORKSPACE]
+    if not args.unrestricted_files:
+        for r in roots:
+            if not os.path.isdir(r):
+                raise SystemExit(f"cowork-agent: workspace root is not a directory: {r}")
+    cfg = AgentConfig(
+        listen=args.listen,
+        token=read_token(args.token_file),
+        roots=roots,
+        unrestricted_files=args.unrestricted_files,
+        socket_group=args.socket_group,
+        allow_remote=args.allow_remote,
+        kill_grace=args.kill_grace,
+        claude_bin=args.claude_bin or os.environ.get("COWORK_CLAUDE_BIN"),
+        run_as=args.run_as,
+    )
+    async def serve() -> None:
+        # grpc.aio binds its server to the running loop: build it inside it.
+        await AgentServer(cfg).serve_forever()
+
+    try:
+        asyncio.run(serve())
+    except ListenError as exc:
+        print(f"cowork-agent: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

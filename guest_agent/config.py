@@ -1,0 +1,21 @@
+"""The agent's runtime configuration, built from the command line (see __main__)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cowork.defaults import KILL_GRACE_SECONDS
+
+
+@dataclass
+class AgentConfig:
+    listen: list[str]
+    token: bytes
+    roots: list[str]
+    unrestricted_files: bool = False
+    socket_group: str | None = None
+    allow_remote: bool = False
+    kill_grace: float = KILL_GRACE_SECONDS
+    claude_bin: str | None = None
+    run_as: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)

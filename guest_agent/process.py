@@ -1,0 +1,501 @@
+"""Process execution: spawn in a new session, stream I/O with back-pressure, never leave orphans.
+
+Design notes (why it looks like this):
+- We drive raw non-blocking fds ourselves instead of asyncio's subprocess
+  transports: one code path serves pipes and PTY masters, a read happens only
+  when the consumer has room (bounded queue), so a slow client slows the
+  process down instead of growing the agent's memory.
+- Exit is observed through a pidfd (no SIGCHLD watcher thread); the process
+  stays a zombie until we reap it, which keeps its pid/pgid from being reused
+  while we signal the group.
+- Teardown always signals the whole process group: background children of a
+  finished command do not outlive the RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import termios
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from cowork.agent.v1 import process_pb2 as pb
+from cowork.agent.v1 import process_pb2_grpc as pb_grpc
+from cowork.defaults import (
+    DEFAULT_TERM,
+    KILL_GRACE_SECONDS,
+    OUTPUT_CHUNK,
+    OUTPUT_QUEUE_CHUNKS,
+    RUN_OUTPUT_LIMIT,
+)
+
+from .errors import AgentError, invalid, not_found
+from .paths import PathPolicy
+from .rpc import add_bytes, audit, first_message
+
+_SCRUBBED_ENV_PREFIXES = ("COWORK_",)
+
+
+def base_environment() -> dict[str, str]:
+    """The agent's environment minus its own settings (which may name secrets)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_ENV_PREFIXES)}
+
+
+async def _wait_fd(fd: int, write: bool = False) -> None:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, ready)
+    try:
+        await fut
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
+
+
+def _set_nonblocking(fd: int) -> None:
+    os.set_blocking(fd, False)
+
+
+def _pty_child_setup() -> None:  # runs in the child between fork and exec
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _winsize(rows: int, cols: int) -> bytes:
+    return struct.pack("HHHH", rows or 24, cols or 80, 0, 0)
+
+
+@dataclass
+class Spawned:
+    """A running child in its own process group, with our ends of its I/O."""
+
+    popen: subprocess.Popen[bytes]
+    pid: int
+    stdin_fd: int | None
+    out_fds: list[tuple[str, int]]
+    pty_master: int | None
+    started: float = field(default_factory=time.monotonic)
+    pidfd: int | None = None
+    returncode: int | None = None
+    reaped: bool = False
+
+    def close_stdin(self) -> None:
+        if self.pty_master is not None:
+            try:
+                os.write(self.pty_master, b"\x04")
+            except OSError:
+                pass
+        elif self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the process group; False when it no longer exists."""
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.pty_master is not None:
+            fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, _winsize(rows, cols))
+
+    async def wait_exited(self) -> None:
+        """Return once the main process has exited (it stays a zombie until reap())."""
+        if self.returncode is not None or self.reaped:
+            return
+        if self.pidfd is not None:
+            await _wait_fd(self.pidfd)
+            return
+        while True:  # no pidfd (old kernel): poll without reaping
+            try:
+                info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is not None:
+                return
+            await asyncio.sleep(0.005)
+
+    def reap(self) -> int:
+        if not self.reaped:
+            self.returncode = self.popen.wait()
+            self.reaped = True
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+        assert self.returncode is not None
+        return self.returncode
+
+    async def exited_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.wait_exited(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def teardown(self, grace: float) -> None:
+        """Stop the main process (TERM, then KILL after `grace`), reap it, then clear its group."""
+        if not self.reaped:
+            if not await self.exited_within(0):
+                self.signal_group(signal.SIGTERM)
+                if not await self.exited_within(grace):
+                    self.signal_group(signal.SIGKILL)
+                    await self.wait_exited()
+            self.reap()
+        # Stragglers: children left in the group (backgrounded jobs, daemons).
+        # After the reap the group exists only if someone else is in it.
+        if self.signal_group(0):
+            self.signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while self.signal_group(0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            self.signal_group(signal.SIGKILL)
+
+    def close_fds(self) -> None:
+        for fd in [self.stdin_fd, self.pty_master, *[fd for _, fd in self.out_fds]]:
+            if fd is None:
+                continue
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.stdin_fd = None
+        self.pty_master = None
+        self.out_fds = []
+
+    def exit_message(self, timed_out: bool = False) -> pb.Exit:
+        rc = self.reap()
+        sig = -rc if rc < 0 else 0
+        return pb.Exit(
+            code=rc if rc >= 0 else -1,
+            signal=sig,
+            timed_out=timed_out,
+            duration_ms=(time.monotonic() - self.started) * 1000,
+        )
+
+
+def _resolve_cwd(spec: pb.ProcessSpec, paths: PathPolicy) -> str:
+    cwd = spec.cwd or paths.default_dir
+    if not os.path.isabs(cwd):
+        cwd = os.path.join(paths.default_dir, cwd)
+    if not os.path.exists(cwd):
+        raise not_found(f"working directory not found: {cwd}")
+    if not os.path.isdir(cwd):
+        raise invalid(f"working directory is not a directory: {cwd}")
+    return cwd
+
+
+def _argv(spec: pb.ProcessSpec) -> list[str]:
+    if spec.argv and spec.shell:
+        raise invalid("give either argv or shell, not both")
+    if spec.shell:
+        return ["/bin/sh", "-c", spec.shell]
+    if not spec.argv:
+        raise invalid("nothing to run: argv and shell are both empty")
+    if not spec.argv[0]:
+        raise invalid("argv[0] is empty")
+    for a in spec.argv:
+        if "\x00" in a:
+            raise invalid("argv contains a NUL byte")
+    return list(spec.argv)
+
+
+def _environment(spec: pb.ProcessSpec) -> dict[str, str]:
+    env = {} if spec.clear_env else base_environment()
+    for k, v in spec.env.items():
+        if not k or "=" in k or "\x00" in k or "\x00" in v:
+            raise invalid(f"invalid environment variable name or value: {k!r}")
+        env[k] = v
+    if spec.pty:
+        env["TERM"] = spec.term or env.get("TERM") or DEFAULT_TERM
+    return env
+
+
+def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
+    """Start the process described by `spec` in a new session; raise AgentError if it cannot."""
+    argv = _argv(spec)
+    cwd = _resolve_cwd(spec, paths)
+    env = _environment(spec)
+    exe = argv[0]
+    if "/" not in exe:
+        found = shutil.which(exe, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise not_found(f"command not found: {exe}")
+        exe = found
+    master: int | None = None
+    parent_fds: list[int] = []
+    child_fds: list[int] = []
+    try:
+        if spec.pty:
+            master, slave = os.openpty()
+            child_fds.append(slave)
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(spec.rows, spec.cols))
+            os.set_inheritable(master, False)
+            popen = subprocess.Popen(
+                argv,
+                executable=exe,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=env,
+                preexec_fn=_pty_child_setup,
+                close_fds=True,
+            )
+            stdin_fd: int | None = master
+            out_fds = [("stdout", master)]
+            _set_nonblocking(master)
+        else:
+            r_out, w_out = os.pipe2(os.O_CLOEXEC)
+            r_err, w_err = os.pipe2(os.O_CLOEXEC)
+            parent_fds += [r_out, r_err]
+            child_fds += [w_out, w_err]
+            if keep_stdin:
+                r_in, w_in = os.pipe2(os.O_CLOEXEC)
+                parent_fds.append(w_in)
+                child_fds.append(r_in)
+                stdin_arg: Any = r_in
+            else:
+                w_in = -1
+                stdin_arg = subprocess.DEVNULL
+            popen = subprocess.Popen(
+                argv,
+                executable=exe,
+                stdin=stdin_arg,
+                stdout=w_out,
+                stderr=w_err,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+            stdin_fd = w_in if keep_stdin else None
+            out_fds = [("stdout", r_out), ("stderr", r_err)]
+            for fd in parent_fds:
+                _set_nonblocking(fd)
+    except FileNotFoundError:
+        for fd in parent_fds + ([master] if master is not None else []):
+            os.close(fd)
+        raise not_found(f"command not found: {argv[0]}") from None
+    except PermissionError:
+        for fd in parent_fds + ([master] if master is not None else []):
+            os.close(fd)
+        raise AgentError(
+            grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
+        ) from None
+    except OSError as exc:
+        for fd in parent_fds + ([master] if master is not None else []):
+            os.close(fd)
+        raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start {argv[0]}: {exc}") from None
+    finally:
+        for fd in child_fds:
+            os.close(fd)
+    sp = Spawned(
+        popen=popen,
+        pid=popen.pid,
+        stdin_fd=stdin_fd,
+        out_fds=out_fds,
+        pty_master=master,
+    )
+    try:
+        sp.pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        sp.pidfd = None
+    audit(argv=argv, pid=popen.pid, cwd=cwd, pty=spec.pty)
+    return sp
+
+
+async def pump(fd: int, name: str, sink: Callable[[str, bytes], Any]) -> None:
+    """Read `fd` to EOF, handing each chunk to `sink` (awaited: that is the back-pressure)."""
+    while True:
+        try:
+            data = os.read(fd, OUTPUT_CHUNK)
+        except BlockingIOError:
+            await _wait_fd(fd)
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # PTY: the slave side is closed
+                return
+            raise
+        if not data:
+            return
+        result = sink(name, data)
+        if asyncio.iscoroutine(result):
+            await result
+
+
+async def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            await _wait_fd(fd, write=True)
+            continue
+        view = view[n:]
+
+
+class ProcessService(pb_grpc.ProcessServicer):
+    def __init__(self, paths: PathPolicy, kill_grace: float = KILL_GRACE_SECONDS) -> None:
+        self.paths = paths
+        self.kill_grace = kill_grace
+
+    async def Exec(  # noqa: C901 - one state machine, kept together on purpose
+        self,
+        request_iterator: AsyncIterator[pb.ExecRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ExecResponse]:
+        first = await first_message(request_iterator)
+        if first is None or first.WhichOneof("msg") != "start":
+            raise invalid("the first Exec message must be `start`")
+        spec = first.start
+        sp = spawn(spec, self.paths, keep_stdin=spec.stdin)
+        queue: asyncio.Queue[pb.ExecResponse | None] = asyncio.Queue(OUTPUT_QUEUE_CHUNKS)
+        timed_out = False
+
+        async def to_queue(name: str, data: bytes) -> None:
+            add_bytes(f"{name}_bytes", len(data))
+            if name == "stdout":
+                await queue.put(pb.ExecResponse(stdout=data))
+            else:
+                await queue.put(pb.ExecResponse(stderr=data))
+
+        async def outputs() -> None:
+            try:
+                await asyncio.gather(*(pump(fd, name, to_queue) for name, fd in sp.out_fds))
+            finally:
+                await queue.put(None)
+
+        async def inputs() -> None:
+            async for req in request_iterator:
+                kind = req.WhichOneof("msg")
+                if kind == "stdin":
+                    if sp.stdin_fd is None:
+                        continue  # stdin closed or never opened: drop, like a closed pipe
+                    add_bytes("stdin_bytes", len(req.stdin))
+                    try:
+                        await write_all(sp.stdin_fd, req.stdin)
+                    except BrokenPipeError:
+                        if sp.pty_master is None:
+                            sp.close_stdin()
+                elif kind == "close_stdin":
+                    sp.close_stdin()
+                elif kind == "signal":
+                    sp.signal_group(req.signal)
+                elif kind == "resize":
+                    sp.resize(req.resize.rows, req.resize.cols)
+            # The client half-closed: for pipes that means EOF on stdin, like ssh.
+            if sp.pty_master is None and sp.stdin_fd is not None:
+                sp.close_stdin()
+
+        async def watchdog() -> None:
+            nonlocal timed_out
+            if not await sp.exited_within(spec.timeout_ms / 1000):
+                timed_out = True
+                await sp.teardown(self.kill_grace)
+
+        async def exit_then_clear_group() -> None:
+            await sp.wait_exited()
+            # Output may still be in flight; reap and clear stragglers so that
+            # pipes held by background children reach EOF.
+            await sp.teardown(self.kill_grace)
+
+        tasks = [
+            asyncio.ensure_future(outputs()),
+            asyncio.ensure_future(inputs()),
+            asyncio.ensure_future(exit_then_clear_group()),
+        ]
+        if spec.timeout_ms:
+            tasks.append(asyncio.ensure_future(watchdog()))
+        try:
+            yield pb.ExecResponse(started=pb.Started(pid=sp.pid))
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                yield item
+            await tasks[2]
+            exit_msg = sp.exit_message(timed_out=timed_out)
+            audit(exit_code=exit_msg.code, signal=exit_msg.signal, timed_out=timed_out)
+            yield pb.ExecResponse(exit=exit_msg)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await sp.teardown(self.kill_grace)
+            sp.close_fds()
+
+    async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> pb.RunResponse:
+        spec = pb.ProcessSpec()
+        spec.CopyFrom(request.spec)
+        spec.pty = False
+        limit = request.output_limit or RUN_OUTPUT_LIMIT
+        sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin))
+        buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        truncated = {"stdout": False, "stderr": False}
+
+        def collect(name: str, data: bytes) -> None:
+            buf = buffers[name]
+            room = limit - len(buf)
+            if room < len(data):
+                truncated[name] = True
+            if room > 0:
+                buf += data[:room]
+
+        async def feed() -> None:
+            if sp.stdin_fd is None:
+                return
+            try:
+                await write_all(sp.stdin_fd, request.stdin)
+            except BrokenPipeError:
+                pass
+            sp.close_stdin()
+
+        timed_out = False
+        try:
+            work = asyncio.gather(feed(), *(pump(fd, name, collect) for name, fd in sp.out_fds))
+            clear = asyncio.ensure_future(self._exit_then_clear(sp))
+            try:
+                timeout = request.spec.timeout_ms / 1000 if request.spec.timeout_ms else None
+                await asyncio.wait_for(sp.wait_exited(), timeout)
+            except asyncio.TimeoutError:
+                timed_out = True
+                await sp.teardown(self.kill_grace)
+            await work
+            await clear
+            exit_msg = sp.exit_message(timed_out=timed_out)
+        finally:
+            await sp.teardown(self.kill_grace)
+            sp.close_fds()
+        audit(exit_code=exit_msg.code, signal=exit_msg.signal, timed_out=timed_out)
+        return pb.RunResponse(
+            stdout=bytes(buffers["stdout"]),
+            stderr=bytes(buffers["stderr"]),
+            stdout_truncated=truncated["stdout"],
+            stderr_truncated=truncated["stderr"],
+            exit=exit_msg,
+            pid=sp.pid,
+        )
+
+    async def _exit_then_clear(self, sp: Spawned) -> None:
+        await sp.wait_exited()
+        await sp.teardown(self.kill_grace)
+

@@ -1,0 +1,198 @@
+"""The one wrapper every RPC passes through: authentication, error mapping and the audit line.
+
+Doing this in a server interceptor (rather than in each servicer) means a new
+RPC cannot forget to check the token, and every call leaves exactly one audit
+record whatever way it ends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
+
+from .errors import AgentError
+
+log = logging.getLogger("cowork.audit")
+
+# Methods reachable without a token: only the standard health check, so that
+# a readiness probe needs no secret.
+OPEN_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.health.v1.Health/List",
+    }
+)
+
+_audit: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "cowork_audit", default=None
+)
+
+
+def audit(**fields: Any) -> None:
+    """Attach fields (argv, path, exit, bytes, ...) to the current RPC's audit line."""
+    record = _audit.get()
+    if record is not None:
+        record.update(fields)
+
+
+def add_bytes(key: str, n: int) -> None:
+    """Accumulate a byte counter on the current RPC's audit line."""
+    record = _audit.get()
+    if record is not None:
+        record[key] = record.get(key, 0) + n
+
+
+async def first_message(it: AsyncIterator[Any]) -> Any:
+    """The first message of a client stream, or None if the client sent nothing."""
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _token_ok(metadata: Any, token: bytes) -> bool:
+    for key, value in metadata or ():
+        if key == AUTH_METADATA_KEY:
+            given = value.encode() if isinstance(value, str) else bytes(value)
+            expected = f"{AUTH_SCHEME} ".encode() + token
+            return hmac.compare_digest(given, expected)
+    return False
+
+
+class AgentInterceptor(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer <token>`, maps AgentError to a status, logs one line per RPC."""
+
+    def __init__(self, token: bytes) -> None:
+        self._token = token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method: str = details.method  # type: ignore[attr-defined]
+        authed = method in OPEN_METHODS or _token_ok(
+            details.invocation_metadata,  # type: ignore[attr-defined]
+            self._token,
+        )
+        return _wrap(handler, method, authed)
+
+
+def _start(method: str, context: grpc.aio.ServicerContext) -> tuple[dict[str, Any], Any]:
+    record: dict[str, Any] = {"method": method, "peer": context.peer()}
+    return record, _audit.set(record)
+
+
+def _finish(record: dict[str, Any], t0: float, code: grpc.StatusCode, msg: str = "") -> None:
+    if record["method"] in OPEN_METHODS:
+        return
+    record["code"] = code.name
+    if msg:
+        record["message"] = msg
+    record["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    log.info("rpc", extra={"audit": record})
+
+
+async def _refuse(context: grpc.aio.ServicerContext, record: dict[str, Any], t0: float) -> None:
+    msg = "missing or invalid token (expected metadata 'authorization: Bearer <token>')"
+    _finish(record, t0, grpc.StatusCode.UNAUTHENTICATED, msg)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+
+
+async def _fail(
+    context: grpc.aio.ServicerContext, record: dict[str, Any], t0: float, exc: BaseException
+) -> None:
+    if isinstance(exc, AgentError):
+        _finish(record, t0, exc.code, exc.message)
+        await context.abort(exc.code, exc.message)
+    log.exception("unexpected error in %s", record["method"])
+    _finish(record, t0, grpc.StatusCode.INTERNAL, repr(exc))
+    await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc!r}")
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, authed: bool) -> grpc.RpcMethodHandler:
+    """Return a handler of the same shape whose behavior runs inside auth/audit/error handling."""
+    if handler.unary_unary or handler.stream_unary:
+        inner_u = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            record, tok = _start(method, context)
+            try:
+                if not authed:
+                    await _refuse(context, record, t0)
+                try:
+                    response = await inner_u(request, context)
+                except (AgentError, Exception) as exc:
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    await _fail(context, record, t0, exc)
+                _finish(record, t0, _code_of(context))
+                return response
+            finally:
+                _audit.reset(tok)
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    inner_s = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        t0 = time.perf_counter()
+        record, tok = _start(method, context)
+        status = grpc.StatusCode.OK
+        try:
+            if not authed:
+                await _refuse(context, record, t0)
+            try:
+                async for item in inner_s(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # CancelledError: client went away
+                    status = grpc.StatusCode.CANCELLED
+                    raise
+                await _fail(context, record, t0, exc)
+            status = _code_of(context)
+        finally:
+            if "code" not in record:
+                _finish(record, t0, status)
+            _audit.reset(tok)
+
+    factory_s = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory_s(
+        streaming,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
