@@ -94,6 +94,7 @@ class Spawned:
     pidfd: int | None = None
     returncode: int | None = None
     reaped: bool = False
+    _exit_future: asyncio.Future[None] | None = None
 
     def close_stdin(self) -> None:
         if self.pty_master is not None:
@@ -120,18 +121,38 @@ class Spawned:
             fcntl.ioctl(self.pty_master, termios.TIOCSWINSZ, _winsize(rows, cols))
 
     async def wait_exited(self) -> None:
-        """Return once the main process has exited (it stays a zombie until reap())."""
+        """Return once the main process has exited (it stays a zombie until reap()).
+
+        Several tasks wait on this at once (output, timeout, teardown), so the
+        pidfd gets one reader and one shared future.
+        """
         if self.returncode is not None or self.reaped:
             return
-        if self.pidfd is not None:
-            await _wait_fd(self.pidfd)
-            return
-        while True:  # no pidfd (old kernel): poll without reaping
+        if self._exit_future is None:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._exit_future = fut
+            if self.pidfd is not None:
+                pidfd = self.pidfd
+
+                def ready() -> None:
+                    loop.remove_reader(pidfd)
+                    if not fut.done():
+                        fut.set_result(None)
+
+                loop.add_reader(pidfd, ready)
+            else:
+                asyncio.ensure_future(self._poll_exit(fut))
+        await asyncio.shield(self._exit_future)
+
+    async def _poll_exit(self, fut: asyncio.Future[None]) -> None:
+        while not fut.done():  # no pidfd (old kernel): poll without reaping
             try:
                 info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return
+                info = True  # type: ignore[assignment]
             if info is not None:
+                fut.set_result(None)
                 return
             await asyncio.sleep(0.005)
 
@@ -140,8 +161,11 @@ class Spawned:
             self.returncode = self.popen.wait()
             self.reaped = True
             if self.pidfd is not None:
+                asyncio.get_running_loop().remove_reader(self.pidfd)
                 os.close(self.pidfd)
                 self.pidfd = None
+            if self._exit_future is not None and not self._exit_future.done():
+                self._exit_future.set_result(None)
         assert self.returncode is not None
         return self.returncode
 

@@ -1,0 +1,90 @@
+"""`coworkctl`: the command line of the host client.
+
+Each subcommand group lives in its own module with a `register(subparsers)`
+function; handlers take the parsed args and return an exit code. Errors are
+printed as one line (never a traceback): usage errors exit 2, refused calls 1,
+and `exec` passes the remote exit code through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .common import EXIT_USAGE, CliError
+
+COMMAND_MODULES = [
+    "host_client.cli.exec_cmd",
+    "host_client.cli.files_cmd",
+    "host_client.cli.info_cmd",
+    "host_client.cli.local_cmd",
+    "host_client.cli.claude_cmd",
+    "host_client.cli.lima_cmd",
+]
+
+EPILOG = """\
+targets (--target, or $COWORK_TARGET; default lima:$COWORK_VM_NAME, i.e. lima:cowork):
+  local              the embedded agent on this host (start it: coworkctl local up)
+  lima:NAME          the agent in Lima VM NAME (through the socket Lima forwards)
+  unix:PATH | tcp:HOST:PORT | vsock:CID:PORT | hvsock:PATH:PORT
+
+examples:
+  coworkctl local up                       # no VM? run an agent on this host
+  coworkctl --target local exec -- uname -a
+  echo hi | coworkctl exec -i -- cat       # stdin is piped through
+  coworkctl cp ./src vm:/workspace/src     # upload a directory
+  coworkctl shell                          # interactive shell over a PTY
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"coworkctl: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="coworkctl",
+        description="Drive the cowork sandbox agent: run commands, move files, ask Claude Code.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", help="where the agent is (see below)")
+    p.add_argument("--token-file", help="token file (default: per target, or $COWORK_TOKEN_FILE)")
+    p.add_argument("--json", action="store_true", help="machine-readable output where it applies")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # a command group not built yet
+            raise
+        module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+    from ..errors import CoworkError
+    from ..targets import TargetError
+
+    try:
+        code = args.func(args)
+    except CliError as exc:
+        print(f"coworkctl: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except (CoworkError, TargetError) as exc:
+        print(f"coworkctl: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("coworkctl: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = 141
+    raise SystemExit(code)

@@ -1,0 +1,488 @@
+"""CoworkClient: the synchronous client. One channel, kept open, reused by every call.
+
+The sync client uses grpc's sync channel directly (not a loop in a thread):
+it is the fastest path for the simple, one-call-at-a-time API and is safe to
+share between threads.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cowork.agent.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    files_pb2,
+    files_pb2_grpc,
+    process_pb2,
+    process_pb2_grpc,
+)
+from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
+
+from . import requests as rq
+from . import targets
+from .errors import AgentUnavailable, CoworkError, from_rpc_error
+from .models import ExecEvent, ExecutionResult, Exited, FileInfo, Output, Started, TransferResult
+from .protodict import to_dict
+from .transports import ChannelHandle
+
+T = TypeVar("T")
+Progress = Callable[[int], None]
+_END = object()
+
+
+class CoworkClient:
+    """Talk to one agent. Create once, call many times; `close()` (or `with`) when done.
+
+    `target` is a target string (see host_client.targets; None = $COWORK_TARGET,
+    then lima:$COWORK_VM_NAME). A restarted agent is reached again by the next
+    call: channels reconnect by themselves and calls that never reached the
+    agent are retried once after waiting up to `connect_timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        token_file: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.target = targets.parse(target)
+        token = targets.load_token(self.target, token_file)
+        self._metadata = ((AUTH_METADATA_KEY, f"{AUTH_SCHEME} {token.decode()}"),)
+        self.connect_timeout = connect_timeout
+        self._handle = ChannelHandle(self.target)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+
+    # -- plumbing ---------------------------------------------------------
+    @property
+    def channel(self) -> grpc.Channel:
+        with self._lock:
+            if self._channel is None:
+                self._channel = self._handle.sync_channel()
+                self._agent = agent_pb2_grpc.AgentStub(self._channel)
+                self._process = process_pb2_grpc.ProcessStub(self._channel)
+                self._files = files_pb2_grpc.FilesStub(self._channel)
+                self._health = health_pb2_grpc.HealthStub(self._channel)
+            return self._channel
+
+    def _stub(self, name: str) -> Any:
+        self.channel  # noqa: B018 - creates the stubs on first use
+        return getattr(self, name)
+
+    def _wait_channel(self, timeout: float) -> bool:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    def _call(self, fn: Callable[[], T], retry: bool = True) -> T:
+        """Run `fn`; on UNAVAILABLE (the call never reached an agent) wait and retry once."""
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            if retry and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                if self._wait_channel(self.connect_timeout):
+                    try:
+                        return fn()
+                    except grpc.RpcError as again:
+                        raise from_rpc_error(again, self.target.spec) from None
+            raise from_rpc_error(exc, self.target.spec) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+        self._handle.close()
+
+    def __enter__(self) -> CoworkClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- agent --------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Versions, capabilities and machine facts of the agent."""
+        stub = self._stub("_agent")
+        return to_dict(
+            self._call(lambda: stub.Info(agent_pb2.InfoRequest(), metadata=self._metadata))
+        )
+
+    def health(self, timeout: float = 2.0) -> bool:
+        """True when the agent answers the standard health check as SERVING."""
+        stub = self._stub("_health")
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the agent is healthy; raise AgentUnavailable after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        stub = self._stub("_health")
+        last = ""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentUnavailable(
+                    f"agent at {self.target.spec} not ready after {timeout:g}s"
+                    + (f": {last}" if last else "")
+                )
+            try:
+                resp = stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=min(left, 2.0), wait_for_ready=True
+                )
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = "not serving"
+            except grpc.RpcError as exc:
+                last = exc.details() or exc.code().name
+            time.sleep(0.05)
+
+    def is_vm_running(self) -> bool:
+        """Lima targets: the VM's state from limactl; other targets: the agent answers health."""
+        if self.target.kind == "lima":
+            from . import lima
+
+            return lima.is_vm_running(self.target.name)
+        return self.health()
+
+    def start_vm(self) -> None:
+        """Start the Lima VM behind a lima: target and wait for its agent."""
+        from . import lima
+
+        if self.target.kind != "lima":
+            raise CoworkError(f"start_vm needs a lima: target, not {self.target.spec}")
+        lima.start_vm(self.target.name)
+        self.wait_ready(self.connect_timeout * 6)
+
+    def stop_vm(self) -> None:
+        from . import lima
+
+        if self.target.kind != "lima":
+            raise CoworkError(f"stop_vm needs a lima: target, not {self.target.spec}")
+        lima.stop_vm(self.target.name)
+
+    # -- processes ------------------------------------------------------------
+    def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        output_limit: int = 0,
+    ) -> ExecutionResult:
+        """Run to completion and return buffered output (capped at `output_limit` per stream)."""
+        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout)
+        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+        req = process_pb2.RunRequest(spec=spec, stdin=data, output_limit=output_limit)
+        stub = self._stub("_process")
+        resp = self._call(lambda: stub.Run(req, metadata=self._metadata))
+        ex = rq.exited(resp.exit)
+        return ExecutionResult(
+            output=resp.stdout.decode("utf-8", "replace"),
+            error=resp.stderr.decode("utf-8", "replace"),
+            exit_code=ex.shell_code,
+            signal=ex.signal,
+            timed_out=ex.timed_out,
+            duration_ms=ex.duration_ms,
+            stdout=resp.stdout,
+            stderr=resp.stderr,
+            truncated=resp.stdout_truncated or resp.stderr_truncated,
+        )
+
+    def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:
+        """The seed API: run a command in the VM, return output, error text and exit code."""
+        return self.run(command, **kwargs)
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | Iterable[bytes] | Any = None,
+        interactive: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        pty: bool = False,
+        rows: int = 0,
+        cols: int = 0,
+        term: str = "",
+    ) -> ExecStream:
+        """Start a process and stream its events (Started, Output..., Exited).
+
+        `stdin` may be bytes/str, a binary file or an iterable of bytes (sent,
+        then EOF). With `interactive=True` feed it yourself through
+        `write()/close_stdin()/signal()/resize()` on the returned stream.
+        """
+        spec = rq.process_spec(
+            command,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            pty=pty,
+            rows=rows,
+            cols=cols,
+            term=term,
+            stdin=interactive or stdin is not None or pty,
+        )
+        return ExecStream(self, spec, stdin, interactive)
+
+    # -- files ------------------------------------------------------------------
+    def stat(self, path: str) -> FileInfo:
+        stub = self._stub("_files")
+        return rq.file_info(
+            self._call(lambda: stub.Stat(files_pb2.StatRequest(path=path), metadata=self._metadata))
+        )
+
+    def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
+        stub = self._stub("_files")
+        req = files_pb2.ListRequest(path=path, recursive=recursive)
+        resp = self._call(lambda: stub.List(req, metadata=self._metadata))
+        return [rq.file_info(e) for e in resp.entries]
+
+    def read_bytes(self, path: str, offset: int = 0, length: int = 0) -> bytes:
+        return b"".join(self._read_chunks(path, offset, length)[1])
+
+    def read_file(self, path: str) -> str:
+        """The seed API: a guest text file's content (UTF-8)."""
+        return self.read_bytes(path).decode("utf-8", "replace")
+
+    def _read_chunks(
+        self, path: str, offset: int = 0, length: int = 0
+    ) -> tuple[FileInfo, Iterator[bytes]]:
+        stub = self._stub("_files")
+        req = files_pb2.ReadRequest(
+            path=path, offset=offset, length=length, chunk_size=rq.UPLOAD_CHUNK
+        )
+
+        def start() -> tuple[Any, Any]:
+            call = stub.Read(req, metadata=self._metadata)
+            return call, next(call)
+
+        call, first = self._call(start)
+        info = rq.file_info(first.info)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                for msg in call:
+                    yield msg.data
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc, self.target.spec) from None
+            finally:
+                call.cancel()
+
+        return info, chunks()
+
+    def write_file(
+        self, path: str, content: str | bytes, *, mode: int = 0, create_parents: bool = True
+    ) -> FileInfo:
+        """The seed API: write a guest file atomically (all or nothing)."""
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        src = rq.UploadSource(path, data=data, mode=mode, create_parents=create_parents)
+        stub = self._stub("_files")
+        resp = self._call(lambda: stub.Write(iter(src), metadata=self._metadata))
+        return rq.file_info(resp.info)
+
+    def remove(self, path: str, recursive: bool = False, missing_ok: bool = False) -> bool:
+        stub = self._stub("_files")
+        req = files_pb2.RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
+        return bool(self._call(lambda: stub.Remove(req, metadata=self._metadata)).removed)
+
+    def mkdir(self, path: str, parents: bool = True, exist_ok: bool = True) -> FileInfo:
+        stub = self._stub("_files")
+        req = files_pb2.MakeDirRequest(path=path, parents=parents, exist_ok=exist_ok)
+        return rq.file_info(self._call(lambda: stub.MakeDir(req, metadata=self._metadata)))
+
+    def rename(self, source: str, destination: str, overwrite: bool = False) -> FileInfo:
+        stub = self._stub("_files")
+        req = files_pb2.RenameRequest(source=source, destination=destination, overwrite=overwrite)
+        return rq.file_info(self._call(lambda: stub.Rename(req, metadata=self._metadata)))
+
+    def upload(
+        self, local: str, remote: str, *, progress: Progress | None = None
+    ) -> TransferResult:
+        """Copy a local file or directory tree to `remote` (files land atomically)."""
+        if os.path.isdir(local):
+            total = files = 0
+            self.mkdir(remote)
+            for dirpath, dirnames, filenames in os.walk(local):
+                rel = os.path.relpath(dirpath, local)
+                rdir = remote if rel == "." else f"{remote.rstrip('/')}/{rel}"
+                for d in dirnames:
+                    self.mkdir(f"{rdir}/{d}")
+                for name in filenames:
+                    r = self._upload_file(os.path.join(dirpath, name), f"{rdir}/{name}", progress)
+                    total += r.bytes
+                    files += 1
+            return TransferResult(remote, total, "", files=files)
+        return self._upload_file(local, remote, progress)
+
+    def _upload_file(self, local: str, remote: str, progress: Progress | None) -> TransferResult:
+        src = rq.UploadSource(remote, local=local, progress=progress, preserve_mtime=True)
+        stub = self._stub("_files")
+        resp = self._call(lambda: stub.Write(iter(src), metadata=self._metadata), retry=False)
+        return TransferResult(resp.info.path, resp.bytes_written, resp.sha256)
+
+    def download(
+        self, remote: str, local: str, *, progress: Progress | None = None
+    ) -> TransferResult:
+        """Copy a guest file or directory tree to `local` (each file written atomically)."""
+        info = self.stat(remote)
+        if info.is_dir:
+            os.makedirs(local, exist_ok=True)
+            total = files = 0
+            base = info.path.rstrip("/")
+            for entry in self.list_dir(remote, recursive=True):
+                rel = entry.path[len(base) + 1 :]
+                dest = os.path.join(local, rel)
+                if entry.is_dir:
+                    os.makedirs(dest, exist_ok=True)
+                elif entry.type == "file":
+                    total += self._download_file(entry.path, dest, progress).bytes
+                    files += 1
+            return TransferResult(local, total, "", files=files)
+        return self._download_file(remote, local, progress)
+
+    def _download_file(
+        self, remote: str, local: str, progress: Progress | None
+    ) -> TransferResult:
+        import hashlib
+
+        info, chunks = self._read_chunks(remote)
+        tmp = rq.temp_beside(local)
+        digest = hashlib.sha256()
+        n = 0
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    digest.update(chunk)
+                    n += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            os.chmod(tmp, info.mode or 0o644)
+            os.utime(tmp, ns=(info.mtime_ns, info.mtime_ns))
+            os.replace(tmp, local)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return TransferResult(local, n, digest.hexdigest())
+
+
+class ExecStream:
+    """A running remote process: iterate it for events; control it with the methods.
+
+    Iterating yields Started, then Output chunks, then one Exited. Leaving the
+    iteration early (break, exception) cancels the call, which makes the agent
+    kill the process group.
+    """
+
+    def __init__(
+        self, client: CoworkClient, spec: process_pb2.ProcessSpec, stdin: Any, interactive: bool
+    ) -> None:
+        self._client = client
+        self._spec = spec
+        self._stdin = stdin
+        self._interactive = interactive
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._call: Any = None
+        self.pid = 0
+        self.exit: Exited | None = None
+
+    def _requests(self) -> Iterator[process_pb2.ExecRequest]:
+        yield process_pb2.ExecRequest(start=self._spec)
+        if not self._interactive:
+            yield from rq.stdin_messages(self._stdin)
+            if not self._spec.pty:
+                return
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            yield item
+
+    # control (interactive mode / PTY)
+    def write(self, data: bytes) -> None:
+        self._queue.put(process_pb2.ExecRequest(stdin=data))
+
+    def close_stdin(self) -> None:
+        self._queue.put(process_pb2.ExecRequest(close_stdin=True))
+
+    def signal(self, signum: int) -> None:
+        self._queue.put(process_pb2.ExecRequest(signal=signum))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._queue.put(process_pb2.ExecRequest(resize=process_pb2.TerminalSize(rows=rows, cols=cols)))
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._queue.put(_END)
+
+    def __iter__(self) -> Iterator[ExecEvent]:
+        stub = self._client._stub("_process")
+        md = self._client._metadata
+        replayable = self._stdin is None or isinstance(self._stdin, (bytes, str))
+
+        def start() -> tuple[Any, Any]:
+            call = stub.Exec(self._requests(), metadata=md)
+            self._call = call
+            return call, next(call)
+
+        call, first = self._client._call(start, retry=replayable and not self._interactive)
+        try:
+            ev = rq.exec_event(first)
+            if isinstance(ev, Started):
+                self.pid = ev.pid
+            yield ev
+            for resp in call:
+                ev = rq.exec_event(resp)
+                if isinstance(ev, Exited):
+                    self.exit = ev
+                yield ev
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self._client.target.spec) from None
+        finally:
+            self._queue.put(_END)
+            if self.exit is None:
+                call.cancel()
+
+    def collect(self) -> ExecutionResult:
+        """Drain the stream into an ExecutionResult."""
+        out: list[bytes] = []
+        err: list[bytes] = []
+        for ev in self:
+            if isinstance(ev, Output):
+                (out if ev.stream == "stdout" else err).append(ev.data)
+        assert self.exit is not None
+        o, e = b"".join(out), b"".join(err)
+        return ExecutionResult(
+            output=o.decode("utf-8", "replace"),
+            error=e.decode("utf-8", "replace"),
+            exit_code=self.exit.shell_code,
+            signal=self.exit.signal,
+            timed_out=self.exit.timed_out,
+            duration_ms=self.exit.duration_ms,
+            stdout=o,
+            stderr=e,
+        )
+

@@ -1,0 +1,80 @@
+"""Plain result and event types the clients return (no protobuf in user code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ExecutionResult:
+    """The seed controller's result shape: text output, error text and the exit code."""
+
+    output: str
+    error: str
+    exit_code: int
+    signal: int = 0
+    timed_out: bool = False
+    duration_ms: float = 0.0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: str  # "stdout" | "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exited:
+    code: int  # -1 when killed by a signal
+    signal: int
+    timed_out: bool
+    duration_ms: float
+
+    @property
+    def shell_code(self) -> int:
+        """The code a shell would report: 124 on timeout, 128+N for signal N."""
+        if self.timed_out:
+            return 124
+        if self.signal:
+            return 128 + self.signal
+        return self.code
+
+
+ExecEvent = Started | Output | Exited
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    name: str
+    type: str  # file | directory | symlink | other
+    size: int
+    mode: int
+    mtime_ns: int
+    symlink_target: str = ""
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "directory"
+
+
+@dataclass
+class TransferResult:
+    path: str
+    bytes: int
+    sha256: str
+    files: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
