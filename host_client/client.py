@@ -257,13 +257,13 @@ class CoworkClient:
         return [rq.file_info(e) for e in resp.entries]
 
     def read_bytes(self, path: str, offset: int = 0, length: int = 0) -> bytes:
-        return b"".join(self._read_chunks(path, offset, length)[1])
+        return b"".join(self.read_chunks(path, offset, length)[1])
 
     def read_file(self, path: str) -> str:
         """The seed API: a guest text file's content (UTF-8)."""
         return self.read_bytes(path).decode("utf-8", "replace")
 
-    def _read_chunks(
+    def read_chunks(
         self, path: str, offset: int = 0, length: int = 0
     ) -> tuple[FileInfo, Iterator[bytes]]:
         stub = self._stub("_files")
@@ -364,7 +364,7 @@ class CoworkClient:
     ) -> TransferResult:
         import hashlib
 
-        info, chunks = self._read_chunks(remote)
+        info, chunks = self.read_chunks(remote)
         tmp = rq.temp_beside(local)
         digest = hashlib.sha256()
         n = 0

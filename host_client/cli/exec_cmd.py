@@ -1,0 +1,121 @@
+"""`coworkctl exec` and `coworkctl shell`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .common import CliError, fail, make_client
+
+EXEC_HELP = """\
+Run a command in the sandbox. stdout and stderr arrive on the matching local
+streams, byte for byte; the exit code is the remote one (128+N when killed by
+signal N, 124 on --timeout, 127 when the command does not exist).
+
+stdin is forwarded when it is not a terminal (pipes, files) or with -i.
+
+examples:
+  coworkctl exec -- ls -la /workspace
+  coworkctl exec --cwd /workspace/app --env DEBUG=1 -- make test
+  tar c src | coworkctl exec -- tar x -C /workspace
+  coworkctl exec -t -- htop
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "exec",
+        help="run a command in the sandbox",
+        description=EXEC_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("-i", "--interactive", action="store_true", help="forward stdin even from a TTY")
+    p.add_argument("--cwd", help="working directory (default: the workspace root)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="kill after SECONDS (exit 124)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV...", help="the command")
+    p.set_defaults(func=cmd_exec)
+
+    s = sub.add_parser(
+        "shell",
+        help="interactive shell in the sandbox (PTY)",
+        description="Open an interactive login shell on a PTY in the sandbox, like `ssh -t`.",
+    )
+    s.add_argument("--cwd", help="start directory (default: the workspace root)")
+    s.add_argument("--shell", default="/bin/bash", help="shell to run (default /bin/bash)")
+    s.set_defaults(func=cmd_shell)
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--env wants KEY=VALUE, got {pair!r}", 2)
+        env[key] = value
+    return env
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        fail("exec needs a command: coworkctl exec -- ARGV...", 2)
+    env = parse_env(args.env)
+    if args.timeout is not None and args.timeout <= 0:
+        fail("--timeout must be > 0", 2)
+    from ..errors import NotFound
+
+    client = make_client(args)
+    try:
+        if args.tty:
+            from ..terminal import run_pty_session
+
+            return run_pty_session(client, argv, env=env, cwd=args.cwd, timeout=args.timeout)
+        return _exec_pipes(client, argv, env, args)
+    except NotFound as exc:
+        if exc.message.startswith("command not found"):
+            print(f"coworkctl: {exc.message}", file=sys.stderr)
+            return 127
+        raise
+    finally:
+        client.close()
+
+
+def _exec_pipes(client: Any, argv: list[str], env: dict[str, str], args: argparse.Namespace) -> int:
+    from ..models import Exited, Output
+
+    stdin: Any = None
+    if args.interactive or not sys.stdin.isatty():
+        stdin = sys.stdin.buffer
+    stream = client.exec(argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout)
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    code = 1
+    try:
+        for ev in stream:
+            if isinstance(ev, Output):
+                target = out if ev.stream == "stdout" else err
+                target.write(ev.data)
+                target.flush()
+            elif isinstance(ev, Exited):
+                code = ev.shell_code
+    except KeyboardInterrupt:
+        stream.cancel()  # the agent kills the remote process group
+        raise CliError("interrupted; remote process stopped", 130) from None
+    return code
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from ..terminal import run_pty_session
+
+    if not os.isatty(sys.stdin.fileno()):
+        fail("shell needs a terminal; use 'coworkctl exec -- CMD' from scripts", 2)
+    client = make_client(args)
+    try:
+        return run_pty_session(client, [args.shell, "-l"], cwd=args.cwd)
+    finally:
+        client.close()
