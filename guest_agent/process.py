@@ -72,9 +72,18 @@ def _set_nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
 
 
-def _pty_child_setup() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def _setsid_ctty() -> str:
+    """util-linux `setsid`, which gives a PTY child its own session *and* controlling terminal.
+
+    Doing setsid()+TIOCSCTTY in a preexec_fn would run Python between fork and
+    exec in a multi-threaded process (gRPC's threads): that crashes
+    intermittently (seen: SIGSEGV in the child). An exec of setsid costs ~1 ms,
+    paid only by PTY sessions.
+    """
+    found = shutil.which("setsid") or "/usr/bin/setsid"
+    if not os.path.exists(found):
+        raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "PTY needs util-linux setsid")
+    return found
 
 
 def _winsize(rows: int, cols: int) -> bytes:
@@ -274,15 +283,15 @@ def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
             child_fds.append(slave)
             fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(spec.rows, spec.cols))
             os.set_inheritable(master, False)
+            # Not a group leader, so setsid(1) calls setsid() itself without
+            # forking: the pid we get is the session's (and the job's) pid.
             popen = subprocess.Popen(
-                argv,
-                executable=exe,
+                [_setsid_ctty(), "--ctty", exe, *argv[1:]],
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
                 cwd=cwd,
                 env=env,
-                preexec_fn=_pty_child_setup,
                 close_fds=True,
             )
             stdin_fd: int | None = master

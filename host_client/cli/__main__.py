@@ -1,0 +1,5 @@
+"""`python -m host_client.cli` runs coworkctl."""
+
+from . import main
+
+main()

@@ -1,0 +1,244 @@
+"""Files service: confinement, atomic writes, streaming transfers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cowork.agent.v1 import files_pb2, files_pb2_grpc
+from host_client import CoworkClient
+from host_client.errors import AlreadyExists, CoworkError, NotFound, PermissionDenied
+
+from .conftest import AgentProc
+
+
+def _stub(agent: AgentProc) -> tuple[files_pb2_grpc.FilesStub, grpc.Channel, tuple]:
+    ch = grpc.insecure_channel(agent.target)
+    return files_pb2_grpc.FilesStub(ch), ch, (("authorization", f"Bearer {agent.token}"),)
+
+
+def test_write_then_read_round_trips_bytes(client: CoworkClient, workdir: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    client.write_file(str(workdir / "blob"), data)
+    assert client.read_bytes(str(workdir / "blob")) == data
+
+
+def test_relative_paths_are_under_the_first_root(client: CoworkClient, agent: AgentProc) -> None:
+    client.write_file("rel-test.txt", "hi")
+    assert (agent.root / "rel-test.txt").read_text() == "hi"
+
+
+def test_read_with_offset_and_length(client: CoworkClient, workdir: Path) -> None:
+    (workdir / "f").write_bytes(bytes(range(256)))
+    assert client.read_bytes(str(workdir / "f"), offset=10, length=5) == bytes(range(10, 15))
+
+
+def test_stat_reports_kind_size_mode(client: CoworkClient, workdir: Path) -> None:
+    f = workdir / "f"
+    f.write_bytes(b"12345")
+    f.chmod(0o640)
+    info = client.stat(str(f))
+    assert (info.type, info.size, info.mode) == ("file", 5, 0o640)
+
+
+def test_write_sets_the_requested_mode(client: CoworkClient, workdir: Path) -> None:
+    client.write_file(str(workdir / "x.sh"), "#!/bin/sh\n", mode=0o755)
+    assert (workdir / "x.sh").stat().st_mode & 0o777 == 0o755
+
+
+def test_list_recursive_returns_sorted_entries(client: CoworkClient, workdir: Path) -> None:
+    (workdir / "a" / "b").mkdir(parents=True)
+    (workdir / "a" / "b" / "c.txt").write_text("c")
+    (workdir / "z.txt").write_text("z")
+    paths = [e.path for e in client.list_dir(str(workdir), recursive=True)]
+    assert paths == sorted(paths)
+    assert str(workdir / "a" / "b" / "c.txt") in paths
+
+
+def test_missing_file_is_not_found(client: CoworkClient, workdir: Path) -> None:
+    with pytest.raises(NotFound):
+        client.read_bytes(str(workdir / "nope"))
+
+
+def test_dotdot_escape_is_refused(client: CoworkClient, agent: AgentProc) -> None:
+    with pytest.raises(PermissionDenied):
+        client.read_bytes("../token")
+
+
+def test_absolute_path_outside_roots_is_refused(client: CoworkClient) -> None:
+    with pytest.raises(PermissionDenied):
+        client.read_bytes("/etc/hostname")
+
+
+def test_symlink_escape_is_refused_for_read(client: CoworkClient, workdir: Path) -> None:
+    (workdir / "link").symlink_to("/etc")
+    with pytest.raises(PermissionDenied):
+        client.read_bytes(str(workdir / "link" / "hostname"))
+
+
+def test_symlink_escape_is_refused_for_write(
+    client: CoworkClient, workdir: Path, agent: AgentProc
+) -> None:
+    (workdir / "out").symlink_to(agent.dir)
+    with pytest.raises(PermissionDenied):
+        client.write_file(str(workdir / "out" / "evil"), "x")
+    assert not (agent.dir / "evil").exists()
+
+
+def test_write_through_a_final_symlink_replaces_the_link_not_the_target(
+    client: CoworkClient, workdir: Path, agent: AgentProc
+) -> None:
+    outside = agent.dir / "outside.txt"
+    outside.write_text("original")
+    (workdir / "trap").symlink_to(outside)
+    client.write_file(str(workdir / "trap"), "new")
+    assert outside.read_text() == "original"
+    assert (workdir / "trap").read_text() == "new" and not (workdir / "trap").is_symlink()
+
+
+def test_remove_of_a_symlink_removes_the_link_only(
+    client: CoworkClient, workdir: Path, agent: AgentProc
+) -> None:
+    target = agent.dir / "keep.txt"
+    target.write_text("keep")
+    (workdir / "l").symlink_to(target)
+    client.remove(str(workdir / "l"))
+    assert target.exists() and not (workdir / "l").exists()
+
+
+def test_removing_the_root_is_refused(client: CoworkClient, agent: AgentProc) -> None:
+    with pytest.raises(PermissionDenied):
+        client.remove(str(agent.root), recursive=True)
+
+
+_segment = st.sampled_from(["..", ".", "a", "b", "", "etc", "..."])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_segment, min_size=1, max_size=8), absolute=st.booleans())
+def test_no_generated_path_reads_outside_the_root(
+    client: CoworkClient, agent: AgentProc, parts: list[str], absolute: bool
+) -> None:
+    path = "/".join(parts)
+    if absolute:
+        path = str(agent.root) + "/" + path
+    resolved = os.path.normpath(os.path.join(str(agent.root), path))
+    inside = resolved == str(agent.root) or resolved.startswith(str(agent.root) + "/")
+    try:
+        client.stat(path)
+        assert inside
+    except PermissionDenied:
+        assert not inside
+    except (NotFound, CoworkError):
+        assert inside
+
+
+def test_write_without_commit_leaves_target_untouched(agent: AgentProc, workdir: Path) -> None:
+    target = workdir / "atomic.txt"
+    target.write_text("before")
+    stub, ch, md = _stub(agent)
+    reqs = [
+        files_pb2.WriteRequest(header=files_pb2.WriteHeader(path=str(target), overwrite=True)),
+        files_pb2.WriteRequest(data=b"partial"),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Write(iter(reqs), metadata=md)
+    ch.close()
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert target.read_text() == "before"
+    assert os.listdir(workdir) == ["atomic.txt"]
+
+
+def test_cut_stream_leaves_no_half_file(agent: AgentProc, workdir: Path) -> None:
+    target = workdir / "cut.bin"
+    stub, ch, md = _stub(agent)
+
+    def requests():
+        yield files_pb2.WriteRequest(header=files_pb2.WriteHeader(path=str(target)))
+        for _ in range(8):
+            yield files_pb2.WriteRequest(data=b"x" * 1024 * 1024)
+        raise RuntimeError("client crashed mid-upload")
+
+    with pytest.raises(grpc.RpcError):
+        stub.Write(requests(), metadata=md)
+    ch.close()
+    # The agent notices the cancelled stream asynchronously; wait on the directory.
+    from .conftest import wait_until
+
+    assert wait_until(lambda: os.listdir(workdir) == [], 5.0), os.listdir(workdir)
+
+
+def test_checksum_mismatch_is_data_loss_and_keeps_target(agent: AgentProc, workdir: Path) -> None:
+    target = workdir / "sum.txt"
+    stub, ch, md = _stub(agent)
+    reqs = [
+        files_pb2.WriteRequest(header=files_pb2.WriteHeader(path=str(target))),
+        files_pb2.WriteRequest(data=b"abc"),
+        files_pb2.WriteRequest(commit=files_pb2.WriteCommit(sha256="00" * 32)),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Write(iter(reqs), metadata=md)
+    ch.close()
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert not target.exists() and os.listdir(workdir) == []
+
+
+def test_write_refuses_to_overwrite_unless_asked(agent: AgentProc, workdir: Path) -> None:
+    target = workdir / "exists.txt"
+    target.write_text("keep")
+    with agent.client() as c:
+        from host_client import requests as rq
+
+        src = rq.UploadSource(str(target), data=b"new", overwrite=False)
+        stub = c._stub("_files")
+        with pytest.raises(AlreadyExists):
+            c._call(lambda: stub.Write(iter(src), metadata=c._metadata))
+    assert target.read_text() == "keep"
+
+
+def test_write_into_missing_parent_without_create_parents_is_not_found(
+    client: CoworkClient, workdir: Path
+) -> None:
+    with pytest.raises(NotFound, match="parent"):
+        client.write_file(str(workdir / "no" / "dir" / "f"), "x", create_parents=False)
+
+
+def test_mkdir_rename_remove(client: CoworkClient, workdir: Path) -> None:
+    client.mkdir(str(workdir / "d1" / "d2"))
+    client.write_file(str(workdir / "d1" / "d2" / "f"), "x")
+    client.rename(str(workdir / "d1"), str(workdir / "d3"))
+    assert (workdir / "d3" / "d2" / "f").read_text() == "x"
+    with pytest.raises(AlreadyExists):
+        client.rename(str(workdir / "d3" / "d2" / "f"), str(workdir / "d3" / "d2"))
+    client.remove(str(workdir / "d3"), recursive=True)
+    assert not (workdir / "d3").exists()
+
+
+def test_upload_and_download_a_directory_tree(
+    client: CoworkClient, workdir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("a")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(100_000))
+    up = client.upload(str(src), str(workdir / "tree"))
+    assert up.files == 2
+    down = client.download(str(workdir / "tree"), str(tmp_path / "back"))
+    assert down.files == 2
+    assert (tmp_path / "back" / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
+
+
+def test_download_checksum_matches_upload(
+    client: CoworkClient, workdir: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "f.bin"
+    f.write_bytes(os.urandom(5_000_000))
+    up = client.upload(str(f), str(workdir / "f.bin"))
+    down = client.download(str(workdir / "f.bin"), str(tmp_path / "g.bin"))
+    assert up.sha256 == down.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()

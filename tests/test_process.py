@@ -1,0 +1,266 @@
+"""Process.Exec / Process.Run through the sync client against a real agent."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from host_client import CoworkClient
+from host_client.errors import InvalidArgument, NotFound
+from host_client.models import Exited, Output, Started
+
+from .conftest import REPO, AgentProc, processes_with, wait_until
+
+
+def test_exit_code_zero_is_reported(client: CoworkClient) -> None:
+    assert client.run(["true"]).exit_code == 0
+
+
+def test_nonzero_exit_code_is_passed_through(client: CoworkClient) -> None:
+    assert client.run("exit 3").exit_code == 3
+
+
+def test_missing_binary_is_not_found_with_its_name(client: CoworkClient) -> None:
+    with pytest.raises(NotFound, match="command not found: no-such-binary-xyz"):
+        client.run(["no-such-binary-xyz"])
+
+
+def test_missing_binary_in_a_stream_is_not_found(client: CoworkClient) -> None:
+    with pytest.raises(NotFound, match="command not found: no-such-binary-xyz"):
+        list(client.exec(["no-such-binary-xyz"]))
+
+
+def test_death_by_signal_reports_the_signal(client: CoworkClient) -> None:
+    result = client.run("kill -9 $$")
+    assert result.signal == signal.SIGKILL
+    assert result.exit_code == 128 + signal.SIGKILL
+
+
+def test_timeout_kills_and_reports_timed_out(client: CoworkClient) -> None:
+    result = client.run(["sleep", "30"], timeout=0.3)
+    assert result.timed_out
+    assert result.exit_code == 124
+
+
+def test_bad_cwd_is_not_found_with_the_path(client: CoworkClient) -> None:
+    with pytest.raises(NotFound, match="/no/such/dir"):
+        client.run(["true"], cwd="/no/such/dir")
+
+
+def test_cwd_that_is_a_file_is_invalid(client: CoworkClient, workdir) -> None:
+    f = workdir / "file"
+    f.write_text("x")
+    with pytest.raises(InvalidArgument, match="not a directory"):
+        client.run(["true"], cwd=str(f))
+
+
+def test_default_cwd_is_the_workspace_root(client: CoworkClient, agent: AgentProc) -> None:
+    assert client.run(["pwd"]).output.strip() == str(agent.root)
+
+
+def test_stdin_is_piped_and_closed(client: CoworkClient) -> None:
+    result = client.exec(["sh", "-c", "cat; echo EOF-SEEN"], stdin=b"line1\nline2\n").collect()
+    assert result.stdout == b"line1\nline2\nEOF-SEEN\n"
+
+
+def test_stdin_from_an_iterable_of_chunks(client: CoworkClient) -> None:
+    chunks = (bytes([i]) * 1000 for i in range(256))
+    result = client.exec(["sha256sum"], stdin=chunks).collect()
+    expected = hashlib.sha256(b"".join(bytes([i]) * 1000 for i in range(256))).hexdigest()
+    assert result.output.split()[0] == expected
+
+
+def test_stderr_is_kept_separate_from_stdout(client: CoworkClient) -> None:
+    result = client.exec(["sh", "-c", "echo out; echo err >&2"]).collect()
+    assert (result.stdout, result.stderr) == (b"out\n", b"err\n")
+
+
+def test_events_arrive_as_started_output_exited(client: CoworkClient) -> None:
+    events = list(client.exec(["echo", "hi"]))
+    assert isinstance(events[0], Started) and events[0].pid > 0
+    assert isinstance(events[-1], Exited) and events[-1].code == 0
+    assert b"".join(e.data for e in events if isinstance(e, Output)) == b"hi\n"
+
+
+def test_64_mib_of_binary_stdout_arrives_intact(client: CoworkClient) -> None:
+    script = (
+        'f=$(mktemp); head -c 67108864 /dev/urandom > "$f"; cat "$f"; '
+        'sha256sum < "$f" >&2; rm "$f"'
+    )
+    digest = hashlib.sha256()
+    size = 0
+    err = bytearray()
+    for ev in client.exec(["sh", "-c", script]):
+        if isinstance(ev, Output) and ev.stream == "stdout":
+            digest.update(ev.data)
+            size += len(ev.data)
+        elif isinstance(ev, Output):
+            err += ev.data
+    assert size == 64 * 1024 * 1024
+    assert bytes(err).split()[0].decode() == digest.hexdigest()
+
+
+def test_run_output_cap_reports_truncation(client: CoworkClient) -> None:
+    result = client.run("head -c 100000 /dev/zero", output_limit=1000)
+    assert len(result.stdout) == 1000
+    assert result.truncated
+    assert result.exit_code == 0
+
+
+def test_pty_reports_size_and_resize(client: CoworkClient) -> None:
+    stream = client.exec(
+        ["sh", "-c", "stty size; read x; stty size"], interactive=True, pty=True, rows=30, cols=100
+    )
+    seen = bytearray()
+    resized = False
+    for ev in stream:
+        if isinstance(ev, Output):
+            seen += ev.data
+            if b"30 100" in seen and not resized:
+                resized = True
+                stream.resize(40, 120)
+                stream.write(b"go\n")
+        if isinstance(ev, Exited):
+            assert ev.code == 0
+    assert b"30 100" in seen
+    assert b"40 120" in seen
+
+
+def test_pty_passes_term_and_is_a_tty(client: CoworkClient) -> None:
+    stream = client.exec(
+        ["sh", "-c", 'test -t 0 && test -t 1 && echo "tty $TERM"'], pty=True, term="vt100"
+    )
+    out = b"".join(ev.data for ev in stream if isinstance(ev, Output))
+    assert b"tty vt100" in out
+    assert stream.exit is not None and stream.exit.code == 0
+
+
+def test_signal_reaches_the_process_group(client: CoworkClient) -> None:
+    stream = client.exec(["sh", "-c", "echo ready; sleep 30"], interactive=True)
+    for ev in stream:
+        if isinstance(ev, Output) and b"ready" in ev.data:
+            stream.signal(signal.SIGTERM)
+    assert stream.exit is not None and stream.exit.signal == signal.SIGTERM
+
+
+def test_200_concurrent_execs_all_return_their_own_output(client: CoworkClient) -> None:
+    def one(i: int) -> tuple[int, str, int]:
+        r = client.run(["sh", "-c", f"echo {i}; exit {i % 7}"])
+        return i, r.output, r.exit_code
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(200)))
+    assert all(out == f"{i}\n" and code == i % 7 for i, out, code in results)
+
+
+def test_background_children_do_not_outlive_the_stream(client: CoworkClient) -> None:
+    marker = f"cw-bg-{uuid.uuid4().hex}"
+    result = client.run(["sh", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo started"])
+    assert result.output == "started\n"
+    assert wait_until(lambda: not processes_with(marker), 3.0)
+
+
+def test_cancelled_stream_kills_the_process(client: CoworkClient) -> None:
+    marker = f"cw-cancel-{uuid.uuid4().hex}"
+    stream = client.exec(["sh", "-c", f"echo go; exec -a {marker} sleep 300"])
+    for ev in stream:
+        if isinstance(ev, Output):
+            break  # leaving the iteration cancels the call
+    assert wait_until(lambda: not processes_with(marker), 3.0)
+
+
+def test_sigkilled_client_leaves_no_process_behind(agent: AgentProc) -> None:
+    marker = f"cw-orphan-{uuid.uuid4().hex}"
+    cli = subprocess.Popen(
+        [
+            sys.executable, "-m", "host_client.cli", "--target", agent.target,
+            "--token-file", str(agent.token_file),
+            "exec", "--", "sh", "-c", f"echo up; exec -a {marker} sleep 300",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert cli.stdout is not None
+    assert cli.stdout.readline() == b"up\n"
+    assert wait_until(lambda: bool(processes_with(marker)), 5.0)
+    cli.kill()
+    cli.wait()
+    cli.stdout.close()
+    assert wait_until(lambda: not processes_with(marker), 2.0)
+
+
+def test_term_resistant_process_is_killed_after_grace(client: CoworkClient) -> None:
+    marker = f"cw-stubborn-{uuid.uuid4().hex}"
+    script = f"trap '' TERM; echo armed; exec -a {marker} sh -c \"trap '' TERM; sleep 300\""
+    stream = client.exec(["sh", "-c", script])
+    for ev in stream:
+        if isinstance(ev, Output):
+            break
+    assert wait_until(lambda: not processes_with(marker), 5.0)
+
+
+def test_empty_command_is_invalid(client: CoworkClient) -> None:
+    with pytest.raises(InvalidArgument):
+        client.run([])
+
+
+def test_stdin_flow_control_does_not_lose_bytes(client: CoworkClient) -> None:
+    data = bytes(range(256)) * 40000  # ~10 MiB, more than any pipe buffer
+    result = client.exec(["sh", "-c", "sleep 0.2; sha256sum"], stdin=data).collect()
+    assert result.output.split()[0] == hashlib.sha256(data).hexdigest()
+
+
+_arg = st.text(
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=40
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.lists(_arg, max_size=6))
+def test_argv_reaches_the_process_unchanged(client: CoworkClient, args: list[str]) -> None:
+    script = 'for a in "$@"; do printf "%s\\0" "$a"; done'
+    result = client.run(["sh", "-c", script, "sh", *args])
+    got = result.stdout.split(b"\0")[:-1] if result.stdout else []
+    assert [g.decode() for g in got] == args
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    key=st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True),
+    value=_arg,
+)
+def test_env_values_reach_the_process_unchanged(client: CoworkClient, key: str, value: str) -> None:
+    result = client.run(["printenv", key], env={key: value})
+    assert result.stdout == value.encode() + b"\n"
+
+
+def test_agent_secrets_are_not_in_the_process_environment(client: CoworkClient) -> None:
+    assert "COWORK_" not in client.run(["env"]).output
+
+
+def test_exec_from_many_threads_on_one_stream_api(client: CoworkClient) -> None:
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(5):
+                assert client.exec(["echo", "x"]).collect().stdout == b"x\n"
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
