@@ -34,28 +34,57 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", action="append", default=[], metavar="ADDR",
-                   help="address to serve on (repeatable; see below)")
-    p.add_argument("--token-file", required=True, metavar="PATH",
-                   help="file holding the shared secret (must not be world-readable)")
-    p.add_argument("--root", action="append", default=[], metavar="DIR",
-                   help=f"workspace root the Files service is confined to (repeatable; "
-                        f"default {GUEST_WORKSPACE})")
-    p.add_argument("--unrestricted-files", action="store_true",
-                   help="let Files RPCs reach any path (no confinement)")
-    p.add_argument("--socket-group", metavar="GROUP",
-                   help="make unix sockets 0660 and owned by GROUP (e.g. for Lima's forwarder)")
-    p.add_argument("--allow-remote", action="store_true",
-                   help="allow tcp: listeners on non-loopback addresses")
-    p.add_argument("--kill-grace", type=float, default=KILL_GRACE_SECONDS, metavar="SECONDS",
-                   help="time between SIGTERM and SIGKILL when a process group is stopped")
-    p.add_argument("--claude-bin", metavar="PATH",
-                   help="Claude Code CLI to run (default: $COWORK_CLAUDE_BIN, then PATH)")
-    p.add_argument("--run-as", metavar="USER",
-                   help="run Claude Code as this user when the agent is root")
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="address to serve on (repeatable; see below)",
+    )
+    p.add_argument(
+        "--token-file",
+        required=True,
+        metavar="PATH",
+        help="file holding the shared secret (must not be world-readable)",
+    )
+    p.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help=f"workspace root the Files service is confined to (repeatable; "
+        f"default {GUEST_WORKSPACE})",
+    )
+    p.add_argument(
+        "--unrestricted-files",
+        action="store_true",
+        help="let Files RPCs reach any path (no confinement)",
+    )
+    p.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="make unix sockets 0660 and owned by GROUP (e.g. for Lima's forwarder)",
+    )
+    p.add_argument(
+        "--allow-remote", action="store_true", help="allow tcp: listeners on non-loopback addresses"
+    )
+    p.add_argument(
+        "--kill-grace",
+        type=float,
+        default=KILL_GRACE_SECONDS,
+        metavar="SECONDS",
+        help="time between SIGTERM and SIGKILL when a process group is stopped",
+    )
+    p.add_argument(
+        "--claude-bin",
+        metavar="PATH",
+        help="Claude Code CLI to run (default: $COWORK_CLAUDE_BIN, then PATH)",
+    )
+    p.add_argument(
+        "--run-as", metavar="USER", help="run Claude Code as this user when the agent is root"
+    )
     p.add_argument("--log-format", choices=["text", "json"], default="text")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", metavar="PATH", help="write logs here instead of stderr")
     p.add_argument("--version", action="version", version=f"cowork-agent {AGENT_VERSION}")
     return p
@@ -102,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         claude_bin=args.claude_bin or os.environ.get("COWORK_CLAUDE_BIN"),
         run_as=args.run_as,
     )
+
     async def serve() -> None:
         # grpc.aio binds its server to the running loop: build it inside it.
         await AgentServer(cfg).serve_forever()

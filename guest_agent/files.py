@@ -25,7 +25,7 @@ from cowork.defaults import FILE_CHUNK, LIST_LIMIT, MAX_FILE_CHUNK
 
 from .errors import AgentError, denied, from_oserror, invalid, not_found, precondition
 from .paths import PathPolicy
-from .rpc import add_bytes, audit, first_message
+from .rpc import Context, add_bytes, audit, first_message
 
 _TMP_PREFIX = ".cowork-tmp-"
 
@@ -65,7 +65,7 @@ class FilesService(pb_grpc.FilesServicer):
     def __init__(self, paths: PathPolicy) -> None:
         self.paths = paths
 
-    async def Stat(self, request: pb.StatRequest, context: grpc.aio.ServicerContext) -> pb.FileInfo:
+    async def Stat(self, request: pb.StatRequest, context: Context) -> pb.FileInfo:
         path = self.paths.resolve_entry(request.path)
         audit(path=path)
         try:
@@ -73,13 +73,12 @@ class FilesService(pb_grpc.FilesServicer):
         except OSError as exc:
             raise from_oserror(exc, request.path) from None
 
-    async def List(
-        self, request: pb.ListRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListResponse:
+    async def List(self, request: pb.ListRequest, context: Context) -> pb.ListResponse:
         path = self.paths.resolve(request.path)
         audit(path=path, recursive=request.recursive)
         limit = request.limit or LIST_LIMIT
-        return await _io(self._list, path, request.path, request.recursive, limit)
+        resp: pb.ListResponse = await _io(self._list, path, request.path, request.recursive, limit)
+        return resp
 
     def _list(self, path: str, shown: str, recursive: bool, limit: int) -> pb.ListResponse:
         try:
@@ -107,7 +106,7 @@ class FilesService(pb_grpc.FilesServicer):
         return pb.ListResponse(entries=entries)
 
     async def Read(
-        self, request: pb.ReadRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReadRequest, context: Context
     ) -> AsyncIterator[pb.ReadResponse]:
         path = self.paths.resolve(request.path)
         audit(path=path, offset=request.offset, length=request.length)
@@ -139,7 +138,7 @@ class FilesService(pb_grpc.FilesServicer):
             os.close(fd)
 
     async def Write(
-        self, request_iterator: AsyncIterator[pb.WriteRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.WriteRequest], context: Context
     ) -> pb.WriteResponse:
         first = await first_message(request_iterator)
         if first is None or first.WhichOneof("msg") != "header":
@@ -151,7 +150,9 @@ class FilesService(pb_grpc.FilesServicer):
         try:
             if not os.path.isdir(parent):
                 if not header.create_parents:
-                    raise not_found(f"parent directory does not exist: {os.path.dirname(header.path) or parent}")
+                    raise not_found(
+                        f"parent directory does not exist: {os.path.dirname(header.path) or parent}"
+                    )
                 self._check_parents_inside(parent, header.path)
                 os.makedirs(parent, exist_ok=True)
             existing = _lstat_or_none(target)
@@ -194,7 +195,9 @@ class FilesService(pb_grpc.FilesServicer):
                     f"size mismatch: got {written} bytes, expected {commit.expected_size}",
                 )
             if commit.sha256 and commit.sha256.lower() != hexdigest:
-                raise AgentError(grpc.StatusCode.DATA_LOSS, "sha256 mismatch; target left untouched")
+                raise AgentError(
+                    grpc.StatusCode.DATA_LOSS, "sha256 mismatch; target left untouched"
+                )
             closing, fd = fd, -1
             await _io(_finish_temp, closing, mode, header.mtime_ns, tmp)
             if not header.overwrite and os.path.lexists(target):
@@ -224,9 +227,7 @@ class FilesService(pb_grpc.FilesServicer):
         if os.path.islink(probe):
             raise denied(f"path outside the workspace roots: {shown}")
 
-    async def Remove(
-        self, request: pb.RemoveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RemoveResponse:
+    async def Remove(self, request: pb.RemoveRequest, context: Context) -> pb.RemoveResponse:
         path = self.paths.resolve_entry(request.path)
         audit(path=path, recursive=request.recursive)
         if self.paths.is_root(path):
@@ -248,9 +249,7 @@ class FilesService(pb_grpc.FilesServicer):
             raise from_oserror(exc, request.path) from None
         return pb.RemoveResponse(removed=True)
 
-    async def MakeDir(
-        self, request: pb.MakeDirRequest, context: grpc.aio.ServicerContext
-    ) -> pb.FileInfo:
+    async def MakeDir(self, request: pb.MakeDirRequest, context: Context) -> pb.FileInfo:
         path = self.paths.resolve_entry(request.path)
         audit(path=path)
         mode = request.mode or 0o755
@@ -270,9 +269,7 @@ class FilesService(pb_grpc.FilesServicer):
         except OSError as exc:
             raise from_oserror(exc, request.path) from None
 
-    async def Rename(
-        self, request: pb.RenameRequest, context: grpc.aio.ServicerContext
-    ) -> pb.FileInfo:
+    async def Rename(self, request: pb.RenameRequest, context: Context) -> pb.FileInfo:
         src = self.paths.resolve_entry(request.source)
         dst = self.paths.resolve_entry(request.destination)
         audit(path=src, destination=dst)
@@ -307,7 +304,9 @@ def _open_temp(parent: str, name: str) -> tuple[int, str]:
     for _ in range(100):
         tmp = os.path.join(parent, f"{_TMP_PREFIX}{name[:64]}-{os.urandom(6).hex()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
             return fd, tmp
         except FileExistsError:
             continue

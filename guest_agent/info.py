@@ -16,6 +16,7 @@ from cowork.agent.v1 import agent_pb2_grpc as pb_grpc
 from cowork.defaults import AGENT_VERSION, PROTOCOL_VERSION
 
 from .paths import PathPolicy
+from .rpc import Context
 
 CAPABILITIES = ["process.exec", "process.run", "process.pty", "files", "health", "reflection"]
 
@@ -61,9 +62,7 @@ class AgentService(pb_grpc.AgentServicer):
         # Filled by the Claude service when it is registered (a callable returning ClaudeInfo).
         self.claude_info = claude_info
 
-    async def Info(
-        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.InfoResponse:
+    async def Info(self, request: pb.InfoRequest, context: Context) -> pb.InfoResponse:
         total, avail = _meminfo()
         disk_free = 0
         if self.paths.roots:

@@ -35,7 +35,9 @@ class Listen:
 def parse(addr: str, allow_remote: bool = False) -> Listen:
     kind, sep, rest = addr.partition(":")
     if not sep or not rest:
-        raise ListenError(f"bad listen address {addr!r}: use unix:PATH, tcp:HOST:PORT or vsock:PORT")
+        raise ListenError(
+            f"bad listen address {addr!r}: use unix:PATH, tcp:HOST:PORT or vsock:PORT"
+        )
     if kind == "unix":
         if not os.path.isabs(rest):
             raise ListenError(f"unix socket path must be absolute: {rest}")

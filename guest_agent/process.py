@@ -43,7 +43,7 @@ from cowork.defaults import (
 
 from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
-from .rpc import add_bytes, audit, first_message
+from .rpc import Context, add_bytes, audit, first_message
 
 _SCRUBBED_ENV_PREFIXES = ("COWORK_",)
 
@@ -104,6 +104,7 @@ class Spawned:
     returncode: int | None = None
     reaped: bool = False
     _exit_future: asyncio.Future[None] | None = None
+    _poller: asyncio.Future[None] | None = None
 
     def close_stdin(self) -> None:
         if self.pty_master is not None:
@@ -151,7 +152,7 @@ class Spawned:
 
                 loop.add_reader(pidfd, ready)
             else:
-                asyncio.ensure_future(self._poll_exit(fut))
+                self._poller = asyncio.ensure_future(self._poll_exit(fut))
         await asyncio.shield(self._exit_future)
 
     async def _poll_exit(self, fut: asyncio.Future[None]) -> None:
@@ -392,10 +393,10 @@ class ProcessService(pb_grpc.ProcessServicer):
         self.paths = paths
         self.kill_grace = kill_grace
 
-    async def Exec(  # noqa: C901 - one state machine, kept together on purpose
+    async def Exec(
         self,
         request_iterator: AsyncIterator[pb.ExecRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> AsyncIterator[pb.ExecResponse]:
         first = await first_message(request_iterator)
         if first is None or first.WhichOneof("msg") != "start":
@@ -476,7 +477,7 @@ class ProcessService(pb_grpc.ProcessServicer):
             await sp.teardown(self.kill_grace)
             sp.close_fds()
 
-    async def Run(self, request: pb.RunRequest, context: grpc.aio.ServicerContext) -> pb.RunResponse:
+    async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
         spec = pb.ProcessSpec()
         spec.CopyFrom(request.spec)
         spec.pty = False
@@ -531,4 +532,3 @@ class ProcessService(pb_grpc.ProcessServicer):
     async def _exit_then_clear(self, sp: Spawned) -> None:
         await sp.wait_exited()
         await sp.teardown(self.kill_grace)
-

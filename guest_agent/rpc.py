@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -22,6 +22,9 @@ from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
 from .errors import AgentError
 
 log = logging.getLogger("cowork.audit")
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 # Methods reachable without a token: only the standard health check, so that
 # a readiness probe needs no secret.
@@ -69,29 +72,26 @@ def _token_ok(metadata: Any, token: bytes) -> bool:
     return False
 
 
-class AgentInterceptor(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>`, maps AgentError to a status, logs one line per RPC."""
+class AgentInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Checks the bearer token, maps AgentError to a status, logs one line per RPC."""
 
     def __init__(self, token: bytes) -> None:
         self._token = token
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         if handler is None:
             return handler
-        method: str = details.method  # type: ignore[attr-defined]
-        authed = method in OPEN_METHODS or _token_ok(
-            details.invocation_metadata,  # type: ignore[attr-defined]
-            self._token,
-        )
+        method: str = details.method
+        authed = method in OPEN_METHODS or _token_ok(details.invocation_metadata, self._token)
         return _wrap(handler, method, authed)
 
 
-def _start(method: str, context: grpc.aio.ServicerContext) -> tuple[dict[str, Any], Any]:
+def _start(method: str, context: Context) -> tuple[dict[str, Any], Any]:
     record: dict[str, Any] = {"method": method, "peer": context.peer()}
     return record, _audit.set(record)
 
@@ -106,15 +106,13 @@ def _finish(record: dict[str, Any], t0: float, code: grpc.StatusCode, msg: str =
     log.info("rpc", extra={"audit": record})
 
 
-async def _refuse(context: grpc.aio.ServicerContext, record: dict[str, Any], t0: float) -> None:
+async def _refuse(context: Context, record: dict[str, Any], t0: float) -> None:
     msg = "missing or invalid token (expected metadata 'authorization: Bearer <token>')"
     _finish(record, t0, grpc.StatusCode.UNAUTHENTICATED, msg)
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
 
 
-async def _fail(
-    context: grpc.aio.ServicerContext, record: dict[str, Any], t0: float, exc: BaseException
-) -> None:
+async def _fail(context: Context, record: dict[str, Any], t0: float, exc: BaseException) -> None:
     if isinstance(exc, AgentError):
         _finish(record, t0, exc.code, exc.message)
         await context.abort(exc.code, exc.message)
@@ -123,17 +121,17 @@ async def _fail(
     await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc!r}")
 
 
-def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _code_of(context: Context) -> grpc.StatusCode:
     code = context.code()
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, authed: bool) -> grpc.RpcMethodHandler:
+def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
     """Return a handler of the same shape whose behavior runs inside auth/audit/error handling."""
     if handler.unary_unary or handler.stream_unary:
-        inner_u = handler.unary_unary or handler.stream_unary
+        inner_u: Any = handler.unary_unary or handler.stream_unary
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary(request: Any, context: Context) -> Any:
             t0 = time.perf_counter()
             record, tok = _start(method, context)
             try:
@@ -161,9 +159,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, authed: bool) -> grpc.Rpc
             response_serializer=handler.response_serializer,
         )
 
-    inner_s = handler.unary_stream or handler.stream_stream
+    inner_s: Any = handler.unary_stream or handler.stream_stream
 
-    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
         t0 = time.perf_counter()
         record, tok = _start(method, context)
         status = grpc.StatusCode.OK

@@ -82,7 +82,7 @@ class AsyncCoworkClient:
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
             self._channel = None
         self._handle.close()
 

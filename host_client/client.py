@@ -91,12 +91,12 @@ class CoworkClient:
         try:
             return fn()
         except grpc.RpcError as exc:
-            if retry and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                if self._wait_channel(self.connect_timeout):
-                    try:
-                        return fn()
-                    except grpc.RpcError as again:
-                        raise from_rpc_error(again, self.target.spec) from None
+            unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+            if retry and unavailable and self._wait_channel(self.connect_timeout):
+                try:
+                    return fn()
+                except grpc.RpcError as again:
+                    raise from_rpc_error(again, self.target.spec) from None
             raise from_rpc_error(exc, self.target.spec) from None
 
     def close(self) -> None:
@@ -359,9 +359,7 @@ class CoworkClient:
             return TransferResult(local, total, "", files=files)
         return self._download_file(remote, local, progress)
 
-    def _download_file(
-        self, remote: str, local: str, progress: Progress | None
-    ) -> TransferResult:
+    def _download_file(self, remote: str, local: str, progress: Progress | None) -> TransferResult:
         import hashlib
 
         info, chunks = self.read_chunks(remote)
@@ -431,7 +429,9 @@ class ExecStream:
         self._queue.put(process_pb2.ExecRequest(signal=signum))
 
     def resize(self, rows: int, cols: int) -> None:
-        self._queue.put(process_pb2.ExecRequest(resize=process_pb2.TerminalSize(rows=rows, cols=cols)))
+        self._queue.put(
+            process_pb2.ExecRequest(resize=process_pb2.TerminalSize(rows=rows, cols=cols))
+        )
 
     def cancel(self) -> None:
         if self._call is not None:
@@ -485,4 +485,3 @@ class ExecStream:
             stdout=o,
             stderr=e,
         )
-

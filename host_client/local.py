@@ -70,12 +70,19 @@ class LocalAgent:
         self.ensure_token()
         self.workspace.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "guest_agent",
-            "--listen", f"unix:{self.socket}",
-            "--token-file", str(self.token_file),
-            "--root", str(self.workspace),
-            "--log-format", "json",
-            "--log-file", str(self.log_file),
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "--listen",
+            f"unix:{self.socket}",
+            "--token-file",
+            str(self.token_file),
+            "--root",
+            str(self.workspace),
+            "--log-format",
+            "json",
+            "--log-file",
+            str(self.log_file),
         ]
         with open(os.devnull, "rb") as devnull, open(self.log_file, "ab") as log:
             proc = subprocess.Popen(

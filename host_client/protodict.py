@@ -14,9 +14,7 @@ def to_dict(msg: Message) -> dict[str, Any]:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = dict(value)
         elif field.is_repeated:
-            out[field.name] = [
-                to_dict(v) if isinstance(v, Message) else v for v in value
-            ]
+            out[field.name] = [to_dict(v) if isinstance(v, Message) else v for v in value]
         elif isinstance(value, Message):
             out[field.name] = to_dict(value)
         else:

@@ -111,9 +111,7 @@ def load_token(target: Target, token_file: str | None = None) -> bytes:
             return env.strip().encode()
         path = target.token_file
     if not path:
-        raise TargetError(
-            f"no token for {target.spec}: pass --token-file or set COWORK_TOKEN_FILE"
-        )
+        raise TargetError(f"no token for {target.spec}: pass --token-file or set COWORK_TOKEN_FILE")
     try:
         with open(path, "rb") as f:
             token = f.read().strip()

@@ -46,12 +46,19 @@ class AgentProc:
 
     def start(self, timeout: float = 20.0) -> None:
         cmd = [
-            sys.executable, "-m", "guest_agent",
-            "--listen", self.target,
-            "--token-file", str(self.token_file),
-            "--root", str(self.root),
-            "--log-format", "json",
-            "--log-file", str(self.dir / "agent.log"),
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "--listen",
+            self.target,
+            "--token-file",
+            str(self.token_file),
+            "--root",
+            str(self.root),
+            "--log-format",
+            "json",
+            "--log-file",
+            str(self.dir / "agent.log"),
             *self.extra_args,
         ]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -59,7 +66,7 @@ class AgentProc:
         with CoworkClient(self.target, str(self.token_file)) as c:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    out, err = self.proc.communicate()
+                    _, err = self.proc.communicate()
                     raise RuntimeError(f"agent exited {self.proc.returncode}: {err.decode()}")
                 if c.health(timeout=0.5):
                     return
@@ -128,7 +135,8 @@ def client(agent: AgentProc) -> Iterator[CoworkClient]:
 @pytest.fixture
 def workdir(agent: AgentProc, request: pytest.FixtureRequest) -> Path:
     """A fresh directory inside the shared agent's workspace, named for the test."""
-    d = agent.root / request.node.name[:60].replace("[", "_").replace("]", "_")
+    name: str = request.node.name
+    d = agent.root / name[:60].replace("[", "_").replace("]", "_")
     d.mkdir(exist_ok=True)
     return d
 

@@ -33,7 +33,9 @@ def _call(channel: grpc.Channel, service, method, metadata) -> grpc.StatusCode:
     ident = lambda b: b  # noqa: E731
     try:
         if method.client_streaming and method.server_streaming:
-            list(channel.stream_stream(path, ident, ident)(iter([req]), metadata=metadata, timeout=5))
+            list(
+                channel.stream_stream(path, ident, ident)(iter([req]), metadata=metadata, timeout=5)
+            )
         elif method.client_streaming:
             channel.stream_unary(path, ident, ident)(iter([req]), metadata=metadata, timeout=5)
         elif method.server_streaming:
@@ -96,9 +98,20 @@ def test_agent_refuses_a_world_readable_token_file(tmp_path) -> None:
     tok.write_text("x" * 40)
     tok.chmod(0o644)
     r = subprocess.run(
-        [sys.executable, "-m", "guest_agent", "--listen", f"unix:{tmp_path}/s",
-         "--token-file", str(tok), "--root", str(tmp_path)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "--listen",
+            f"unix:{tmp_path}/s",
+            "--token-file",
+            str(tok),
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode != 0 and "world-readable" in r.stderr and "Traceback" not in r.stderr
 
@@ -111,8 +124,19 @@ def test_agent_refuses_a_non_loopback_tcp_listener(tmp_path) -> None:
     tok.write_text("x" * 40)
     tok.chmod(0o600)
     r = subprocess.run(
-        [sys.executable, "-m", "guest_agent", "--listen", "tcp:0.0.0.0:7999",
-         "--token-file", str(tok), "--root", str(tmp_path)],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "--listen",
+            "tcp:0.0.0.0:7999",
+            "--token-file",
+            str(tok),
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 2 and "non-loopback" in r.stderr and "Traceback" not in r.stderr

@@ -13,14 +13,22 @@ import pytest
 from .conftest import REPO, AgentProc
 
 
-def ctl(agent: AgentProc | None, *args: str, stdin: bytes | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def ctl(
+    agent: AgentProc | None,
+    *args: str,
+    stdin: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     base = [sys.executable, "-m", "host_client.cli"]
     if agent is not None:
         base += ["--target", agent.target, "--token-file", str(agent.token_file)]
     return subprocess.run(
-        [*base, *args], input=stdin if stdin is not None else b"", capture_output=True,
-        cwd=REPO, timeout=120, env={**os.environ, **(env or {})},
+        [*base, *args],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -119,10 +127,14 @@ def test_cp_up_and_down_with_directories(agent: AgentProc, tmp_path: Path) -> No
     (src / "deep" / "x.bin").write_bytes(os.urandom(2_000_000))
     assert ctl(agent, "cp", str(src), "vm:cp-test").returncode == 0
     assert ctl(agent, "cp", "vm:cp-test", str(tmp_path / "back")).returncode == 0
-    assert (tmp_path / "back" / "deep" / "x.bin").read_bytes() == (src / "deep" / "x.bin").read_bytes()
+    assert (tmp_path / "back" / "deep" / "x.bin").read_bytes() == (
+        src / "deep" / "x.bin"
+    ).read_bytes()
 
 
-def test_cp_into_an_existing_remote_directory_keeps_the_name(agent: AgentProc, tmp_path: Path) -> None:
+def test_cp_into_an_existing_remote_directory_keeps_the_name(
+    agent: AgentProc, tmp_path: Path
+) -> None:
     f = tmp_path / "named.txt"
     f.write_text("n")
     (agent.root / "into").mkdir(exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from host_client.errors import AlreadyExists, CoworkError, NotFound, PermissionD
 from .conftest import AgentProc
 
 
-def _stub(agent: AgentProc) -> tuple[files_pb2_grpc.FilesStub, grpc.Channel, tuple]:
+def _stub(agent: AgentProc) -> tuple[files_pb2_grpc.FilesStub, grpc.Channel, tuple[Any, ...]]:
     ch = grpc.insecure_channel(agent.target)
     return files_pb2_grpc.FilesStub(ch), ch, (("authorization", f"Bearer {agent.token}"),)
 
@@ -120,7 +121,9 @@ def test_removing_the_root_is_refused(client: CoworkClient, agent: AgentProc) ->
 _segment = st.sampled_from(["..", ".", "a", "b", "", "etc", "..."])
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(parts=st.lists(_segment, min_size=1, max_size=8), absolute=st.booleans())
 def test_no_generated_path_reads_outside_the_root(
     client: CoworkClient, agent: AgentProc, parts: list[str], absolute: bool
@@ -231,7 +234,9 @@ def test_upload_and_download_a_directory_tree(
     assert up.files == 2
     down = client.download(str(workdir / "tree"), str(tmp_path / "back"))
     assert down.files == 2
-    assert (tmp_path / "back" / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
+    assert (tmp_path / "back" / "sub" / "b.bin").read_bytes() == (
+        src / "sub" / "b.bin"
+    ).read_bytes()
 
 
 def test_download_checksum_matches_upload(

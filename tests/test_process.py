@@ -93,8 +93,7 @@ def test_events_arrive_as_started_output_exited(client: CoworkClient) -> None:
 
 def test_64_mib_of_binary_stdout_arrives_intact(client: CoworkClient) -> None:
     script = (
-        'f=$(mktemp); head -c 67108864 /dev/urandom > "$f"; cat "$f"; '
-        'sha256sum < "$f" >&2; rm "$f"'
+        'f=$(mktemp); head -c 67108864 /dev/urandom > "$f"; cat "$f"; sha256sum < "$f" >&2; rm "$f"'
     )
     digest = hashlib.sha256()
     size = 0
@@ -164,7 +163,9 @@ def test_200_concurrent_execs_all_return_their_own_output(client: CoworkClient) 
 
 def test_background_children_do_not_outlive_the_stream(client: CoworkClient) -> None:
     marker = f"cw-bg-{uuid.uuid4().hex}"
-    result = client.run(["sh", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo started"])
+    result = client.run(
+        ["sh", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo started"]
+    )
     assert result.output == "started\n"
     assert wait_until(lambda: not processes_with(marker), 3.0)
 
@@ -182,9 +183,18 @@ def test_sigkilled_client_leaves_no_process_behind(agent: AgentProc) -> None:
     marker = f"cw-orphan-{uuid.uuid4().hex}"
     cli = subprocess.Popen(
         [
-            sys.executable, "-m", "host_client.cli", "--target", agent.target,
-            "--token-file", str(agent.token_file),
-            "exec", "--", "sh", "-c", f"echo up; exec -a {marker} sleep 300",
+            sys.executable,
+            "-m",
+            "host_client.cli",
+            "--target",
+            agent.target,
+            "--token-file",
+            str(agent.token_file),
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            f"echo up; exec -a {marker} sleep 300",
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -225,7 +235,9 @@ _arg = st.text(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(args=st.lists(_arg, max_size=6))
 def test_argv_reaches_the_process_unchanged(client: CoworkClient, args: list[str]) -> None:
     script = 'for a in "$@"; do printf "%s\\0" "$a"; done'
@@ -234,7 +246,9 @@ def test_argv_reaches_the_process_unchanged(client: CoworkClient, args: list[str
     assert [g.decode() for g in got] == args
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     key=st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True),
     value=_arg,

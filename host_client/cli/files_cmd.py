@@ -135,8 +135,12 @@ def cmd_cp(args: argparse.Namespace) -> int:
         client.close()
     if args.json:
         print_json(
-            {"path": result.path, "bytes": result.bytes, "files": result.files,
-             "sha256": result.sha256}
+            {
+                "path": result.path,
+                "bytes": result.bytes,
+                "files": result.files,
+                "sha256": result.sha256,
+            }
         )
     return 0
 
@@ -163,7 +167,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     client = make_client(args)
     try:
-        info, chunks = client.read_chunks(args.path)
+        _, chunks = client.read_chunks(args.path)
         for chunk in chunks:
             sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()

@@ -32,8 +32,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("os", f"{info['distro']} / {info['os']} {info['arch']}"),
         ("host", info["hostname"]),
         ("cpus", str(info["cpus"])),
-        ("memory", f"{human_bytes(info['memory_available_bytes'])} free of "
-                   f"{human_bytes(info['memory_total_bytes'])}"),
+        (
+            "memory",
+            f"{human_bytes(info['memory_available_bytes'])} free of "
+            f"{human_bytes(info['memory_total_bytes'])}",
+        ),
         ("disk free", human_bytes(info["disk_free_bytes"])),
         ("roots", "(unrestricted)" if info["files_unrestricted"] else ", ".join(info["roots"])),
         ("user", f"agent {info['agent_user']}, processes {info['run_as_user']}"),

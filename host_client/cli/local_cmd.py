@@ -27,8 +27,9 @@ def register(sub: Any) -> None:
     )
     lsub = p.add_subparsers(dest="local_command", metavar="ACTION")
     up = lsub.add_parser("up", help="start the local agent (idempotent)")
-    up.add_argument("--workspace", help="workspace root (default $COWORK_WORKSPACE or "
-                                        "~/cowork-workspace)")
+    up.add_argument(
+        "--workspace", help="workspace root (default $COWORK_WORKSPACE or ~/cowork-workspace)"
+    )
     up.set_defaults(func=cmd_up)
     down = lsub.add_parser("down", help="stop the local agent")
     down.set_defaults(func=cmd_down)
