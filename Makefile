@@ -39,7 +39,7 @@ lint: $(VENV)/.stamp
 	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations --exclude-regex 'cowork/agent/v1/.*' host_client guest_agent
 
 test: setup proto-check lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not vm"
 
 e2e: setup
 	$(BIN)/pytest -q -m vm tests/vm
