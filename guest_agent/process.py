@@ -475,6 +475,9 @@ class ProcessService(pb_grpc.ProcessServicer):
             for t in tasks:
                 t.cancel()
             await sp.teardown(self.kill_grace)
+            # Let cancelled tasks unregister their fds before the fds are closed
+            # (a closed fd number can be reused at once by another RPC).
+            await asyncio.gather(*tasks, return_exceptions=True)
             sp.close_fds()
 
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
@@ -504,9 +507,9 @@ class ProcessService(pb_grpc.ProcessServicer):
             sp.close_stdin()
 
         timed_out = False
+        work = asyncio.gather(feed(), *(pump(fd, name, collect) for name, fd in sp.out_fds))
+        clear = asyncio.ensure_future(self._exit_then_clear(sp))
         try:
-            work = asyncio.gather(feed(), *(pump(fd, name, collect) for name, fd in sp.out_fds))
-            clear = asyncio.ensure_future(self._exit_then_clear(sp))
             try:
                 timeout = request.spec.timeout_ms / 1000 if request.spec.timeout_ms else None
                 await asyncio.wait_for(sp.wait_exited(), timeout)
@@ -517,7 +520,10 @@ class ProcessService(pb_grpc.ProcessServicer):
             await clear
             exit_msg = sp.exit_message(timed_out=timed_out)
         finally:
+            work.cancel()
+            clear.cancel()
             await sp.teardown(self.kill_grace)
+            await asyncio.gather(work, clear, return_exceptions=True)
             sp.close_fds()
         audit(exit_code=exit_msg.code, signal=exit_msg.signal, timed_out=timed_out)
         return pb.RunResponse(

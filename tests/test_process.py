@@ -278,3 +278,17 @@ def test_exec_from_many_threads_on_one_stream_api(client: CoworkClient) -> None:
     for t in threads:
         t.join(60)
     assert not errors
+
+
+def test_sigkilled_client_of_a_unary_run_leaves_no_process(agent: AgentProc) -> None:
+    marker = f"cw-run-orphan-{uuid.uuid4().hex}"
+    code = (
+        "import sys; from host_client import CoworkClient; "
+        f"c = CoworkClient({agent.target!r}, {str(agent.token_file)!r}); "
+        f"c.run(['sh', '-c', 'exec -a {marker} sleep 300'])"
+    )
+    cli = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    assert wait_until(lambda: bool(processes_with(marker)), 10.0)
+    cli.kill()
+    cli.wait()
+    assert wait_until(lambda: not processes_with(marker), 2.0)
