@@ -9,8 +9,6 @@ import shutil
 import socket
 import time
 
-import grpc.aio
-
 from cowork.agent.v1 import agent_pb2 as pb
 from cowork.agent.v1 import agent_pb2_grpc as pb_grpc
 from cowork.defaults import AGENT_VERSION, PROTOCOL_VERSION

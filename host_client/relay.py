@@ -1,4 +1,4 @@
-"""In-process relay from a private unix socket to a vsock/hvsock target (implemented by the vsock work)."""
+"""In-process relay from a private unix socket to a vsock/hvsock target (vsock work)."""
 
 from __future__ import annotations
 
