@@ -490,6 +490,7 @@ class ProcessService(pb_grpc.ProcessServicer):
         truncated = {"stdout": False, "stderr": False}
 
         def collect(name: str, data: bytes) -> None:
+            add_bytes(f"{name}_bytes", len(data))
             buf = buffers[name]
             room = limit - len(buf)
             if room < len(data):
