@@ -1,15 +1,824 @@
-"""Claude service registration (Claude.Ask / Claude.Version)."""
+"""Claude.Ask / Claude.Version: run the real Claude Code CLI and stream its events, typed.
+
+How a run works:
+- argv is `claude -p --output-format=stream-json --verbose` plus the options,
+  each value glued to its flag (`--resume=ID`) so no value can be read as a
+  flag; the prompt goes through stdin, never argv (no length limit, no
+  leading-dash surprises).
+- The CLI runs in its own session (setsid) as `--run-as` USER when the agent
+  has one (uid/gid/groups switched by the subprocess module in C, no Python
+  between fork and exec: gRPC's threads make a preexec_fn unsafe), with that
+  user's HOME so its sessions and settings live in their home.
+- Every stdout line is one stream-json object; `map_line` turns it into typed
+  events (unknown line types become RawEvent: a newer CLI never loses data).
+  stderr lines become LogEvents, and the last ones are kept for the error
+  report.
+- The CLI's `result` line is held until the process has exited so the
+  ResultEvent carries the exit code; failure is judged on both signals (the
+  CLI's is_error and a non-zero exit). An exit without a result yields a
+  terminal ErrorEvent with the exit code and the stderr tail.
+- Cancel (client cancel/disconnect) and timeout interrupt the run: SIGINT to
+  the process group, then SIGTERM, then SIGKILL, each after a grace period;
+  then whatever is left in the run's session (background jobs that made their
+  own process group) is killed too, before the CLI is reaped. Nothing
+  outlives the RPC.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
 import grpc.aio
 
+from cowork.agent.v1 import agent_pb2
+from cowork.agent.v1 import claude_pb2 as pb
+from cowork.agent.v1 import claude_pb2_grpc as pb_grpc
+from cowork.defaults import KILL_GRACE_SECONDS
+
 from .config import AgentConfig
+from .errors import AgentError, denied, invalid, not_found
 from .info import AgentService
 from .paths import PathPolicy
+from .process import Spawned, base_environment, pump, write_all
+from .rpc import Context, audit
+
+# Limits on what one event may carry (a gRPC message is capped at ~4 MiB).
+TOOL_RESULT_LIMIT = 64 * 1024
+TOOL_RESULT_MAX_LIMIT = 1024 * 1024
+TOOL_INPUT_LIMIT = 1024 * 1024
+RAW_LIMIT = 1024 * 1024
+LINE_LIMIT = 32 * 1024 * 1024  # longer stdout lines are dropped (with a LogEvent saying so)
+LOG_LINE_LIMIT = 8 * 1024
+STDERR_TAIL_LINES = 20
+EVENT_QUEUE = 64
+
+# Grace periods: SIGINT → (interrupt_grace) → SIGTERM → (kill_grace) → SIGKILL.
+INTERRUPT_GRACE_SECONDS = 2.0
+# After its result line the CLI should exit by itself; past this it is stopped.
+RESULT_EXIT_GRACE_SECONDS = 10.0
+# After the CLI exited, how long its output pipes may stay open (held by leftovers).
+PIPE_DRAIN_SECONDS = 2.0
+VERSION_TIMEOUT_SECONDS = 20.0
+
+# Environment defaults for every run (the request's env wins): a pinned CLI
+# must not update itself in the middle of a run.
+RUN_ENV_DEFAULTS = {"DISABLE_AUTOUPDATER": "1"}
+BYPASS = "bypassPermissions"
+_MODE_RE = re.compile(r"^[A-Za-z]+$")
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# -- who runs it, and which binary --------------------------------------------------
+@dataclass(frozen=True)
+class RunUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
+
+def run_user(run_as: str | None) -> RunUser:
+    """The account Claude runs as: `run_as` (name or uid) or the agent's own user."""
+    try:
+        if run_as:
+            entry = pwd.getpwuid(int(run_as)) if run_as.isdigit() else pwd.getpwnam(run_as)
+        else:
+            entry = pwd.getpwuid(os.geteuid())
+    except KeyError:
+        raise AgentError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"--run-as user does not exist: {run_as}"
+        ) from None
+    return RunUser(
+        entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell or "/bin/sh"
+    )
+
+
+def find_claude(claude_bin: str | None, user: RunUser | None = None) -> str | None:
+    """The executable to run: --claude-bin/COWORK_CLAUDE_BIN, then PATH, then usual spots."""
+    if claude_bin:
+        found = shutil.which(claude_bin) if "/" not in claude_bin else claude_bin
+        if found and os.path.isfile(found) and os.access(found, os.X_OK):
+            return os.path.abspath(found)
+        return None
+    found = shutil.which("claude")
+    if found:
+        return os.path.abspath(found)
+    homes = [user.home] if user is not None else []
+    homes.append(os.path.expanduser("~"))
+    candidates = [os.path.join(h, ".local", "bin", "claude") for h in homes]
+    candidates += ["/usr/local/bin/claude", "/opt/cowork/claude/node_modules/.bin/claude"]
+    for c in candidates:
+        if os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+# -- argv and environment ---------------------------------------------------------
+def _clean(value: str, what: str) -> str:
+    if "\x00" in value:
+        raise invalid(f"{what} contains a NUL byte")
+    return value
+
+
+def build_argv(exe: str, req: pb.AskRequest) -> list[str]:
+    """The CLI's argv for `req` (the prompt goes to stdin). Values are glued to their flags."""
+    argv = [exe, "-p", "--output-format=stream-json", "--verbose"]
+    if req.model:
+        argv.append(f"--model={_clean(req.model, 'model')}")
+    if req.max_turns:
+        argv.append(f"--max-turns={req.max_turns}")
+    if req.max_budget_usd:
+        if req.max_budget_usd < 0 or req.max_budget_usd != req.max_budget_usd:
+            raise invalid("max_budget_usd must be a positive number")
+        argv.append(f"--max-budget-usd={req.max_budget_usd:g}")
+    if req.permission_mode:
+        if not _MODE_RE.match(req.permission_mode):
+            raise invalid(f"invalid permission_mode: {req.permission_mode!r}")
+        argv.append(f"--permission-mode={req.permission_mode}")
+    for tool in req.allowed_tools:
+        if tool:
+            argv.append(f"--allowed-tools={_clean(tool, 'allowed_tools')}")
+    for tool in req.disallowed_tools:
+        if tool:
+            argv.append(f"--disallowed-tools={_clean(tool, 'disallowed_tools')}")
+    if req.append_system_prompt:
+        argv.append(f"--append-system-prompt={_clean(req.append_system_prompt, 'prompt')}")
+    if req.resume and req.continue_session:
+        raise invalid("give either resume or continue_session, not both")
+    if req.resume:
+        argv.append(f"--resume={_clean(req.resume, 'resume')}")
+    if req.continue_session:
+        argv.append("--continue")
+    if req.session_id:
+        if not _UUID_RE.match(req.session_id):
+            raise invalid(f"session_id must be a UUID: {req.session_id!r}")
+        argv.append(f"--session-id={req.session_id}")
+    if req.fork_session:
+        if not (req.resume or req.continue_session):
+            raise invalid("fork_session needs resume or continue_session")
+        argv.append("--fork-session")
+    if req.include_partial_messages:
+        argv.append("--include-partial-messages")
+    return argv
+
+
+def build_env(req: pb.AskRequest, user: RunUser) -> dict[str, str]:
+    """The run's environment: the agent's (minus COWORK_*), the user's identity, the request's."""
+    env = base_environment()
+    if not user.is_self:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell)
+    for key, value in RUN_ENV_DEFAULTS.items():
+        env.setdefault(key, value)
+    for key, value in req.env.items():
+        if not _ENV_NAME_RE.match(key) or "\x00" in value:
+            raise invalid(f"invalid environment variable name or value: {key!r}")
+        env[key] = value
+    # The CLI refuses to bypass permissions as root unless told it is in a
+    # sandbox, which it is: this is the sandbox VM. It wants exactly "1" (an
+    # inherited IS_SANDBOX=yes is not enough); the request may still override.
+    if req.permission_mode == BYPASS and user.uid == 0 and "IS_SANDBOX" not in req.env:
+        env["IS_SANDBOX"] = "1"
+    return env
+
+
+# -- stream-json line → events --------------------------------------------------------
+def _cut(text: str, limit: int) -> tuple[str, bool]:
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text, False
+    return data[:limit].decode("utf-8", "ignore"), True
+
+
+def _tool_result_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, dict):
+                kind = block.get("type")
+                if kind == "text":
+                    parts.append(str(block.get("text", "")))
+                else:
+                    parts.append(f"[{kind}]")
+            else:
+                parts.append(str(block))
+        return "\n".join(parts)
+    return json.dumps(content)
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _list(obj: dict[str, Any], key: str) -> list[Any]:
+    value = obj.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _raw(kind: str, obj: Any) -> pb.AskEvent:
+    text, cut = _cut(json.dumps(obj, ensure_ascii=False), RAW_LIMIT)
+    return pb.AskEvent(raw=pb.RawEvent(type=kind, json=text, truncated=cut))
+
+
+def line_type(obj: dict[str, Any]) -> str:
+    kind = str(obj.get("type", ""))
+    sub = obj.get("subtype")
+    if kind == "stream_event" and isinstance(obj.get("event"), dict):
+        sub = obj["event"].get("type")
+    return f"{kind}/{sub}" if sub else kind
+
+
+def result_event(obj: dict[str, Any], line: str) -> pb.ResultEvent:
+    usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+    assert isinstance(usage, dict)
+    errors = obj.get("errors") if isinstance(obj.get("errors"), list) else []
+    assert isinstance(errors, list)
+    denials = (
+        obj.get("permission_denials") if isinstance(obj.get("permission_denials"), list) else []
+    )
+    assert isinstance(denials, list)
+    text, _ = _cut(line, RAW_LIMIT)
+    result = obj.get("result")
+    return pb.ResultEvent(
+        subtype=str(obj.get("subtype", "")),
+        is_error=bool(obj.get("is_error")),
+        result=result if isinstance(result, str) else "",
+        num_turns=_int(obj.get("num_turns")),
+        duration_ms=_int(obj.get("duration_ms")),
+        duration_api_ms=_int(obj.get("duration_api_ms")),
+        total_cost_usd=_float(obj.get("total_cost_usd")),
+        usage=pb.Usage(
+            input_tokens=_int(usage.get("input_tokens")),
+            output_tokens=_int(usage.get("output_tokens")),
+            cache_creation_input_tokens=_int(usage.get("cache_creation_input_tokens")),
+            cache_read_input_tokens=_int(usage.get("cache_read_input_tokens")),
+        ),
+        session_id=str(obj.get("session_id", "")),
+        permission_denials_json=[json.dumps(d) for d in denials],
+        api_error_status=_int(obj.get("api_error_status")),
+        stop_reason=str(obj.get("stop_reason") or ""),
+        terminal_reason=str(obj.get("terminal_reason") or ""),
+        errors=[e if isinstance(e, str) else json.dumps(e) for e in errors],
+        json=text,
+    )
+
+
+def map_line(obj: Any, line: str, tool_result_limit: int = TOOL_RESULT_LIMIT) -> list[pb.AskEvent]:
+    """Typed events for one parsed stream-json line (`line` is its text).
+
+    A `result` line maps to a ResultEvent like any other here; the runner holds
+    it back until the CLI has exited. Anything this function does not know
+    becomes a RawEvent, never nothing.
+    """
+    if not isinstance(obj, dict):
+        return [_raw("", obj)]
+    kind = obj.get("type")
+    parent = str(obj.get("parent_tool_use_id") or "")
+    if kind == "system" and obj.get("subtype") == "init":
+        tools = _list(obj, "tools")
+        text, _ = _cut(line, RAW_LIMIT)
+        return [
+            pb.AskEvent(
+                init=pb.InitEvent(
+                    session_id=str(obj.get("session_id", "")),
+                    model=str(obj.get("model", "")),
+                    tools=[str(t) for t in tools],
+                    cwd=str(obj.get("cwd", "")),
+                    claude_version=str(obj.get("claude_code_version", "")),
+                    permission_mode=str(obj.get("permissionMode", "")),
+                    api_key_source=str(obj.get("apiKeySource", "")),
+                    json=text,
+                )
+            )
+        ]
+    if kind == "assistant" and isinstance(obj.get("message"), dict):
+        msg = obj["message"]
+        content = msg.get("content")
+        if not isinstance(content, list):
+            return [_raw("assistant", obj)]
+        events: list[pb.AskEvent] = []
+        for block in content:
+            btype = block.get("type") if isinstance(block, dict) else None
+            if btype == "text":
+                events.append(
+                    pb.AskEvent(
+                        assistant_text=pb.AssistantTextEvent(
+                            text=str(block.get("text", "")),
+                            partial=False,
+                            message_id=str(msg.get("id", "")),
+                            parent_tool_use_id=parent,
+                        )
+                    )
+                )
+            elif btype == "tool_use":
+                input_json, cut = _cut(json.dumps(block.get("input", {})), TOOL_INPUT_LIMIT)
+                events.append(
+                    pb.AskEvent(
+                        tool_use=pb.ToolUseEvent(
+                            id=str(block.get("id", "")),
+                            name=str(block.get("name", "")),
+                            input_json=input_json,
+                            parent_tool_use_id=parent,
+                            truncated=cut,
+                        )
+                    )
+                )
+            else:
+                events.append(_raw(f"assistant/{btype or 'unknown'}", block))
+        return events
+    if kind == "user" and isinstance(obj.get("message"), dict):
+        content = obj["message"].get("content")
+        results = (
+            [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+            if isinstance(content, list)
+            else []
+        )
+        if not results or len(results) != len(content or []):
+            return [_raw("user", obj)]
+        events = []
+        for block in results:
+            text, cut = _cut(_tool_result_text(block.get("content")), tool_result_limit)
+            events.append(
+                pb.AskEvent(
+                    tool_result=pb.ToolResultEvent(
+                        tool_use_id=str(block.get("tool_use_id", "")),
+                        is_error=bool(block.get("is_error")),
+                        content=text,
+                        truncated=cut,
+                        content_limit=tool_result_limit,
+                        parent_tool_use_id=parent,
+                    )
+                )
+            )
+        return events
+    if kind == "stream_event" and isinstance(obj.get("event"), dict):
+        ev = obj["event"]
+        delta = ev.get("delta") if isinstance(ev.get("delta"), dict) else None
+        if ev.get("type") == "content_block_delta" and delta and delta.get("type") == "text_delta":
+            return [
+                pb.AskEvent(
+                    assistant_text=pb.AssistantTextEvent(
+                        text=str(delta.get("text", "")), partial=True, parent_tool_use_id=parent
+                    )
+                )
+            ]
+        return [_raw(line_type(obj), obj)]
+    if kind == "result":
+        return [pb.AskEvent(result=result_event(obj, line))]
+    return [_raw(line_type(obj), obj)]
+
+
+def _lines(sink: Any) -> Any:
+    """A pump sink that splits chunks into lines and hands each (bytes, no newline) to `sink`."""
+    buf = bytearray()
+    state = {"dropping": False}
+
+    async def feed(name: str, data: bytes) -> None:
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                if not state["dropping"]:
+                    buf.extend(data[start:])
+                    if len(buf) > LINE_LIMIT:
+                        await sink(name, None, len(buf))
+                        buf.clear()
+                        state["dropping"] = True
+                return
+            if state["dropping"]:
+                state["dropping"] = False
+            else:
+                buf.extend(data[start:nl])
+                await sink(name, bytes(buf), len(buf))
+            buf.clear()
+            start = nl + 1
+
+    async def flush(name: str) -> None:
+        if buf and not state["dropping"]:
+            await sink(name, bytes(buf), len(buf))
+        buf.clear()
+
+    return feed, flush
+
+
+# -- processes ----------------------------------------------------------------------------
+def _session_members(sid: int, exclude: int) -> list[int]:
+    """Live processes in session `sid` (other than `exclude`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == exclude:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+async def _kill_session(sp: Spawned, grace: float) -> int:
+    """Kill what is left in the run's session (the leader must not be reaped yet)."""
+    members = _session_members(sp.pid, sp.pid)
+    if not members:
+        return 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            members = _session_members(sp.pid, sp.pid)
+            if not members:
+                return 0
+            await asyncio.sleep(0.02)
+    return len(members)
+
+
+def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tuple[Spawned, int]:
+    """Start the CLI in a new session; return it and the write end of its stdin."""
+    r_out, w_out = os.pipe2(os.O_CLOEXEC)
+    r_err, w_err = os.pipe2(os.O_CLOEXEC)
+    r_in, w_in = os.pipe2(os.O_CLOEXEC)
+    ids: dict[str, Any] = {}
+    if not user.is_self:
+        ids = {"user": user.uid, "group": user.gid, "extra_groups": _groups(user)}
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdin=r_in,
+            stdout=w_out,
+            stderr=w_err,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            **ids,
+        )
+    except BaseException as exc:
+        for fd in (r_out, r_err, w_in):
+            os.close(fd)
+        if isinstance(exc, FileNotFoundError):
+            raise not_found(f"claude not found: {argv[0]}") from None
+        if isinstance(exc, PermissionError):
+            raise denied(f"cannot run {argv[0]} as {user.name}: {exc.strerror}") from None
+        if isinstance(exc, OSError):
+            raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start claude: {exc}") from None
+        raise
+    finally:
+        for fd in (w_out, w_err, r_in):
+            os.close(fd)
+    for fd in (r_out, r_err, w_in):
+        os.set_blocking(fd, False)
+    sp = Spawned(
+        popen=popen,
+        pid=popen.pid,
+        stdin_fd=None,
+        out_fds=[("stdout", r_out), ("stderr", r_err)],
+        pty_master=None,
+    )
+    try:
+        sp.pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):
+        sp.pidfd = None
+    return sp, w_in
+
+
+def _groups(user: RunUser) -> list[int]:
+    try:
+        return os.getgrouplist(user.name, user.gid)
+    except OSError:
+        return [user.gid]
+
+
+# -- the service ------------------------------------------------------------------------------
+@dataclass
+class _RunState:
+    result: pb.ResultEvent | None = None
+    stderr_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
+    )
+    timed_out: bool = False
+    stopping: bool = False
+    events: int = 0
+
+
+class ClaudeService(pb_grpc.ClaudeServicer):
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        paths: PathPolicy,
+        interrupt_grace: float = INTERRUPT_GRACE_SECONDS,
+    ) -> None:
+        self.cfg = cfg
+        self.paths = paths
+        self.kill_grace = cfg.kill_grace or KILL_GRACE_SECONDS
+        self.interrupt_grace = interrupt_grace
+        self._version_cache: dict[tuple[str, float], str] = {}
+
+    # -- Version ---------------------------------------------------------------------
+    async def version(self) -> pb.ClaudeVersionResponse:
+        try:
+            user = run_user(self.cfg.run_as)
+        except AgentError as exc:
+            return pb.ClaudeVersionResponse(installed=False, error=exc.message)
+        exe = find_claude(self.cfg.claude_bin, user)
+        if exe is None:
+            where = self.cfg.claude_bin or "PATH"
+            return pb.ClaudeVersionResponse(
+                installed=False, run_as_user=user.name, error=f"claude not found ({where})"
+            )
+        try:
+            key = (exe, os.stat(exe).st_mtime)
+        except OSError as exc:
+            return pb.ClaudeVersionResponse(installed=False, path=exe, error=str(exc))
+        version = self._version_cache.get(key)
+        if version is None:
+            try:
+                version = await self._run_version(exe, user)
+            except AgentError as exc:
+                return pb.ClaudeVersionResponse(
+                    installed=False, path=exe, run_as_user=user.name, error=exc.message
+                )
+            self._version_cache[key] = version
+        return pb.ClaudeVersionResponse(
+            installed=True, version=version, path=exe, run_as_user=user.name
+        )
+
+    async def _run_version(self, exe: str, user: RunUser) -> str:
+        env = build_env(pb.AskRequest(), user)
+        sp, w_in = _spawn([exe, "--version"], user.home if not user.is_self else "/", env, user)
+        os.close(w_in)
+        out = bytearray()
+
+        def collect(name: str, data: bytes) -> None:
+            if name == "stdout" and len(out) < 4096:
+                out.extend(data)
+
+        work = asyncio.gather(*(pump(fd, name, collect) for name, fd in sp.out_fds))
+        try:
+            await asyncio.wait_for(sp.wait_exited(), VERSION_TIMEOUT_SECONDS)
+            await asyncio.wait_for(work, PIPE_DRAIN_SECONDS)
+        except asyncio.TimeoutError:
+            raise AgentError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{exe} --version did not answer"
+            ) from None
+        finally:
+            work.cancel()
+            await _kill_session(sp, self.kill_grace)
+            await sp.teardown(self.kill_grace)
+            await asyncio.gather(work, return_exceptions=True)
+            sp.close_fds()
+        if sp.returncode != 0:
+            raise AgentError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{exe} --version exited {sp.returncode}",
+            )
+        return out.decode("utf-8", "replace").strip()
+
+    async def Version(
+        self, request: pb.ClaudeVersionRequest, context: Context
+    ) -> pb.ClaudeVersionResponse:
+        return await self.version()
+
+    async def info(self) -> agent_pb2.ClaudeInfo:
+        v = await self.version()
+        return agent_pb2.ClaudeInfo(installed=v.installed, version=v.version, path=v.path)
+
+    # -- Ask ---------------------------------------------------------------------------
+    def _cwd(self, req: pb.AskRequest) -> str:
+        cwd = self.paths.resolve(req.cwd) if req.cwd else self.paths.default_dir
+        if not os.path.exists(cwd):
+            raise not_found(f"working directory not found: {cwd}")
+        if not os.path.isdir(cwd):
+            raise invalid(f"working directory is not a directory: {cwd}")
+        return cwd
+
+    async def _stop(self, sp: Spawned, state: _RunState) -> None:
+        """Interrupt the run: SIGINT, SIGTERM, SIGKILL to its group, then clear its session."""
+        state.stopping = True
+        if not await sp.exited_within(0):
+            sp.signal_group(signal.SIGINT)
+            if not await sp.exited_within(self.interrupt_grace):
+                sp.signal_group(signal.SIGTERM)
+                if not await sp.exited_within(self.kill_grace):
+                    sp.signal_group(signal.SIGKILL)
+                    await sp.wait_exited()
+        if not sp.reaped:
+            await _kill_session(sp, self.kill_grace)
+
+    async def Ask(self, request: pb.AskRequest, context: Context) -> AsyncIterator[pb.AskEvent]:
+        if not request.prompt and not (request.resume or request.continue_session):
+            raise invalid("prompt is empty")
+        user = run_user(self.cfg.run_as)
+        exe = find_claude(self.cfg.claude_bin, user)
+        if exe is None:
+            raise not_found(f"claude not found ({self.cfg.claude_bin or 'PATH'})")
+        cwd = self._cwd(request)
+        argv = build_argv(exe, request)
+        env = build_env(request, user)
+        limit = min(request.tool_result_limit or TOOL_RESULT_LIMIT, TOOL_RESULT_MAX_LIMIT)
+        # Never the prompt or env values: only their size and names.
+        audit(
+            argv=argv,
+            cwd=cwd,
+            user=user.name,
+            prompt_bytes=len(request.prompt.encode()),
+            env_keys=sorted(request.env.keys()),
+            timeout_ms=request.timeout_ms,
+        )
+        sp, stdin_fd = _spawn(argv, cwd, env, user)
+        audit(pid=sp.pid)
+        state = _RunState()
+        queue: asyncio.Queue[pb.AskEvent | None] = asyncio.Queue(EVENT_QUEUE)
+
+        async def on_line(name: str, line: bytes | None, size: int) -> None:
+            if line is None:
+                await queue.put(
+                    pb.AskEvent(
+                        log=pb.LogEvent(
+                            stream=name,
+                            line=f"[agent] dropped a {name} line longer than {LINE_LIMIT} bytes",
+                        )
+                    )
+                )
+                return
+            text = line.decode("utf-8", "replace")
+            if name == "stderr":
+                short, _ = _cut(text, LOG_LINE_LIMIT)
+                state.stderr_tail.append(short)
+                await queue.put(pb.AskEvent(log=pb.LogEvent(line=short, stream="stderr")))
+                return
+            if not text.strip():
+                return
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                short, _ = _cut(text, LOG_LINE_LIMIT)
+                await queue.put(pb.AskEvent(log=pb.LogEvent(line=short, stream="stdout")))
+                return
+            for ev in map_line(obj, text, limit):
+                if ev.WhichOneof("event") == "result":
+                    state.result = ev.result  # held until the CLI has exited
+                    tasks.append(asyncio.ensure_future(linger()))
+                    continue
+                if ev.WhichOneof("event") == "init":
+                    ev.init.user = user.name
+                    audit(session_id=ev.init.session_id)
+                await queue.put(ev)
+
+        async def read(name: str, fd: int) -> None:
+            feed, flush = _lines(on_line)
+            await pump(fd, name, feed)
+            await flush(name)
+
+        async def outputs() -> None:
+            try:
+                await asyncio.gather(*(read(name, fd) for name, fd in sp.out_fds))
+            finally:
+                await queue.put(None)
+
+        async def feed_prompt() -> None:
+            try:
+                await write_all(stdin_fd, request.prompt.encode())
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            finally:
+                os.close(stdin_fd)
+
+        async def watchdog() -> None:
+            """The timeout, and leftovers holding the output pipes open after the CLI exited."""
+            timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+            try:
+                await asyncio.wait_for(sp.wait_exited(), timeout)
+            except asyncio.TimeoutError:
+                state.timed_out = True
+                await self._stop(sp, state)
+                return
+            await asyncio.sleep(PIPE_DRAIN_SECONDS)
+            await _kill_session(sp, self.kill_grace)
+
+        async def linger() -> None:
+            """The CLI should exit right after its result line; stop it if it does not."""
+            if not await sp.exited_within(RESULT_EXIT_GRACE_SECONDS):
+                await self._stop(sp, state)
+
+        tasks: list[asyncio.Future[None]] = []
+        tasks += [
+            asyncio.ensure_future(outputs()),
+            asyncio.ensure_future(feed_prompt()),
+            asyncio.ensure_future(watchdog()),
+        ]
+        finished = False
+        try:
+            while True:
+                ev = await queue.get()
+                if ev is None:
+                    break
+                state.events += 1
+                yield ev
+            await sp.wait_exited()
+            # Leftovers in the session die before the leader is reaped (and its pid reusable).
+            await _kill_session(sp, self.kill_grace)
+            yield self._final(sp, state)
+            finished = True
+        finally:
+            if not finished:
+                audit(cancelled=True)
+            for t in tasks:
+                t.cancel()
+            await self._stop(sp, state)
+            await sp.teardown(self.kill_grace)
+            # Cancelled tasks unregister their fds before the fds are closed.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            sp.close_fds()
+
+    def _final(self, sp: Spawned, state: _RunState) -> pb.AskEvent:
+        """The terminal event: the held result (with the exit status) or an error."""
+        rc = sp.reap()
+        code = rc if rc >= 0 else -1
+        sig = -rc if rc < 0 else 0
+        audit(exit_code=code, signal=sig, timed_out=state.timed_out, events=state.events)
+        tail = "\n".join(state.stderr_tail)
+        if state.timed_out:
+            return pb.AskEvent(
+                error=pb.ErrorEvent(
+                    message="claude run timed out and was stopped",
+                    exit_code=code,
+                    signal=sig,
+                    timed_out=True,
+                    stderr_tail=tail,
+                )
+            )
+        if state.result is not None:
+            res = state.result
+            res.exit_code = code
+            res.signal = sig
+            cli_error = res.is_error
+            # A result counts as an error on either signal, except that a CLI
+            # we had to stop after it had already reported is not a failure.
+            res.is_error = cli_error or (rc != 0 and not state.stopping)
+            audit(
+                is_error=res.is_error,
+                subtype=res.subtype,
+                num_turns=res.num_turns,
+                api_error_status=res.api_error_status,
+            )
+            return pb.AskEvent(result=res)
+        if sig:
+            message = f"claude was killed by signal {sig} before reporting a result"
+        else:
+            message = f"claude exited with code {code} without a result"
+        if tail:
+            message += f": {state.stderr_tail[-1]}"
+        audit(is_error=True)
+        return pb.AskEvent(
+            error=pb.ErrorEvent(message=message, exit_code=code, signal=sig, stderr_tail=tail)
+        )
 
 
 def register(
     server: grpc.aio.Server, cfg: AgentConfig, paths: PathPolicy, agent: AgentService
 ) -> None:
     """Add the Claude service to `server` and tell Agent.Info how to report the CLI."""
+    service = ClaudeService(cfg, paths)
+    pb_grpc.add_ClaudeServicer_to_server(service, server)
+    agent.claude_info = service.info
+    if "claude" not in agent.capabilities:
+        agent.capabilities.append("claude")

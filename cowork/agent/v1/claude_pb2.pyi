@@ -64,6 +64,7 @@ class AskRequest(_message.Message):
     INCLUDE_PARTIAL_MESSAGES_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_LIMIT_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     cwd: _builtins.str
     """Working directory; empty = the first workspace root."""
@@ -84,6 +85,8 @@ class AskRequest(_message.Message):
     include_partial_messages: _builtins.bool
     timeout_ms: _builtins.int
     """Wall-clock limit in milliseconds; 0 = none."""
+    tool_result_limit: _builtins.int
+    """Cap on ToolResultEvent.content in bytes; 0 = the agent's default (64 KiB)."""
     @_builtins.property
     def allowed_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -91,7 +94,8 @@ class AskRequest(_message.Message):
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra environment for this run only (e.g. ANTHROPIC_API_KEY,
-        CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_BASE_URL). Never logged or stored.
+        CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_BASE_URL). Never logged or stored;
+        the audit line lists only the variable names.
         """
 
     def __init__(
@@ -113,10 +117,11 @@ class AskRequest(_message.Message):
         include_partial_messages: _builtins.bool = ...,
         timeout_ms: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tool_result_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,19 +149,30 @@ class ClaudeVersionResponse(_message.Message):
     INSTALLED_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    RUN_AS_USER_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     installed: _builtins.bool
+    """True when a `claude` executable was found and answered `--version`."""
     version: _builtins.str
+    """`claude --version` output, e.g. "2.1.330 (Claude Code)"."""
     path: _builtins.str
+    """Absolute path of the executable the agent runs."""
+    run_as_user: _builtins.str
+    """The OS user runs happen as (the agent's --run-as, else its own user)."""
+    error: _builtins.str
+    """Why the CLI is not usable (not found, --version failed), when installed is false."""
     def __init__(
         self,
         *,
         installed: _builtins.bool = ...,
         version: _builtins.str = ...,
         path: _builtins.str = ...,
+        run_as_user: _builtins.str = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["installed", b"installed", "path", b"path", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "installed", b"installed", "path", b"path", "run_as_user", b"run_as_user", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,7 +180,9 @@ Global___ClaudeVersionResponse: _TypeAlias = ClaudeVersionResponse  # noqa: Y015
 
 @_typing.final
 class InitEvent(_message.Message):
-    """Events, one per stream-json line (plus log and terminal error events)."""
+    """Events, one per stream-json line (plus log and terminal error events).
+    system/init: the run started.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -174,11 +192,20 @@ class InitEvent(_message.Message):
     CWD_FIELD_NUMBER: _builtins.int
     CLAUDE_VERSION_FIELD_NUMBER: _builtins.int
     PERMISSION_MODE_FIELD_NUMBER: _builtins.int
+    API_KEY_SOURCE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model: _builtins.str
     cwd: _builtins.str
     claude_version: _builtins.str
     permission_mode: _builtins.str
+    api_key_source: _builtins.str
+    """Where the CLI took its credentials from (e.g. "ANTHROPIC_API_KEY"); never the key."""
+    user: _builtins.str
+    """The OS user the CLI runs as (set by the agent)."""
+    json: _builtins.str
+    """The whole stream-json line, for fields not mapped above."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -190,10 +217,13 @@ class InitEvent(_message.Message):
         cwd: _builtins.str = ...,
         claude_version: _builtins.str = ...,
         permission_mode: _builtins.str = ...,
+        api_key_source: _builtins.str = ...,
+        user: _builtins.str = ...,
+        json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claude_version", b"claude_version", "cwd", b"cwd", "model", b"model", "permission_mode", b"permission_mode", "session_id", b"session_id", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_source", b"api_key_source", "claude_version", b"claude_version", "cwd", b"cwd", "json", b"json", "model", b"model", "permission_mode", b"permission_mode", "session_id", b"session_id", "tools", b"tools", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,20 +236,26 @@ class AssistantTextEvent(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     PARTIAL_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    PARENT_TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     partial: _builtins.bool
-    """True for a partial delta (include_partial_messages), false for a full block."""
+    """True for a partial delta (include_partial_messages), false for a full block.
+    With partial deltas on, the full block still follows: render one or the other.
+    """
     message_id: _builtins.str
+    parent_tool_use_id: _builtins.str
+    """Set when a subagent (Task tool) produced it: the id of that tool call."""
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         partial: _builtins.bool = ...,
         message_id: _builtins.str = ...,
+        parent_tool_use_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "partial", b"partial", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "parent_tool_use_id", b"parent_tool_use_id", "partial", b"partial", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,20 +268,27 @@ class ToolUseEvent(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     INPUT_JSON_FIELD_NUMBER: _builtins.int
+    PARENT_TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     input_json: _builtins.str
-    """The tool input as a JSON document."""
+    """The tool input as a JSON document (see truncated)."""
+    parent_tool_use_id: _builtins.str
+    truncated: _builtins.bool
+    """True when input_json was cut at the agent's limit (then it is not valid JSON)."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         name: _builtins.str = ...,
         input_json: _builtins.str = ...,
+        parent_tool_use_id: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input_json", b"input_json", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input_json", b"input_json", "name", b"name", "parent_tool_use_id", b"parent_tool_use_id", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,12 +303,14 @@ class ToolResultEvent(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     CONTENT_LIMIT_FIELD_NUMBER: _builtins.int
+    PARENT_TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     tool_use_id: _builtins.str
     is_error: _builtins.bool
     content: _builtins.str
     """Result content as text, truncated to `content_limit` bytes."""
     truncated: _builtins.bool
     content_limit: _builtins.int
+    parent_tool_use_id: _builtins.str
     def __init__(
         self,
         *,
@@ -274,10 +319,11 @@ class ToolResultEvent(_message.Message):
         content: _builtins.str = ...,
         truncated: _builtins.bool = ...,
         content_limit: _builtins.int = ...,
+        parent_tool_use_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_limit", b"content_limit", "is_error", b"is_error", "tool_use_id", b"tool_use_id", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_limit", b"content_limit", "is_error", b"is_error", "parent_tool_use_id", b"parent_tool_use_id", "tool_use_id", b"tool_use_id", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,6 +359,8 @@ Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class ResultEvent(_message.Message):
+    """The run's result: the CLI's `result` line, sent once the CLI has exited."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SUBTYPE_FIELD_NUMBER: _builtins.int
@@ -326,9 +374,16 @@ class ResultEvent(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     PERMISSION_DENIALS_JSON_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
+    API_ERROR_STATUS_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    TERMINAL_REASON_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
     subtype: _builtins.str
-    """success | error_max_turns | error_during_execution | ..."""
+    """success | error_max_turns | error_during_execution | error_max_budget_usd | ..."""
     is_error: _builtins.bool
+    """The run failed: the CLI said is_error, or it exited non-zero (both signals count)."""
     result: _builtins.str
     num_turns: _builtins.int
     duration_ms: _builtins.int
@@ -336,12 +391,26 @@ class ResultEvent(_message.Message):
     total_cost_usd: _builtins.float
     session_id: _builtins.str
     exit_code: _builtins.int
-    """Exit code of the CLI process (set once it exited)."""
+    """Exit code of the CLI process (-1 when it was killed by a signal)."""
+    api_error_status: _builtins.int
+    """HTTP status of the API error that ended the run (e.g. 401, 500, 529); 0 if none."""
+    stop_reason: _builtins.str
+    """e.g. end_turn, tool_use, stop_sequence."""
+    terminal_reason: _builtins.str
+    """e.g. completed, max_turns, api_error."""
+    signal: _builtins.int
+    """Signal that ended the CLI, 0 if it exited."""
+    json: _builtins.str
+    """The whole stream-json line, for fields not mapped above."""
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def permission_denials_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Each denial as a JSON document."""
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Error messages the CLI listed (error_during_execution and the like)."""
 
     def __init__(
         self,
@@ -357,10 +426,16 @@ class ResultEvent(_message.Message):
         session_id: _builtins.str = ...,
         permission_denials_json: _abc.Iterable[_builtins.str] | None = ...,
         exit_code: _builtins.int = ...,
+        api_error_status: _builtins.int = ...,
+        stop_reason: _builtins.str = ...,
+        terminal_reason: _builtins.str = ...,
+        errors: _abc.Iterable[_builtins.str] | None = ...,
+        signal: _builtins.int = ...,
+        json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_api_ms", b"duration_api_ms", "duration_ms", b"duration_ms", "exit_code", b"exit_code", "is_error", b"is_error", "num_turns", b"num_turns", "permission_denials_json", b"permission_denials_json", "result", b"result", "session_id", b"session_id", "subtype", b"subtype", "total_cost_usd", b"total_cost_usd", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_error_status", b"api_error_status", "duration_api_ms", b"duration_api_ms", "duration_ms", b"duration_ms", "errors", b"errors", "exit_code", b"exit_code", "is_error", b"is_error", "json", b"json", "num_turns", b"num_turns", "permission_denials_json", b"permission_denials_json", "result", b"result", "session_id", b"session_id", "signal", b"signal", "stop_reason", b"stop_reason", "subtype", b"subtype", "terminal_reason", b"terminal_reason", "total_cost_usd", b"total_cost_usd", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,23 +443,31 @@ Global___ResultEvent: _TypeAlias = ResultEvent  # noqa: Y015
 
 @_typing.final
 class RawEvent(_message.Message):
-    """A stream-json line the agent does not map (new CLI versions add types)."""
+    """A stream-json line the agent does not map (new CLI versions add types).
+    `type` is the line's type, with "/subtype" when it has one (e.g.
+    "system/api_retry", "stream_event/message_start", "rate_limit_event"); for
+    an assistant content block the agent has no event for, "assistant/<block type>".
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TYPE_FIELD_NUMBER: _builtins.int
     JSON_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     json: _builtins.str
+    truncated: _builtins.bool
+    """True when json was cut at the agent's limit (then it is not valid JSON)."""
     def __init__(
         self,
         *,
         type: _builtins.str = ...,
         json: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "truncated", b"truncated", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -392,20 +475,24 @@ Global___RawEvent: _TypeAlias = RawEvent  # noqa: Y015
 
 @_typing.final
 class LogEvent(_message.Message):
-    """A line the CLI wrote to stderr."""
+    """A line the CLI wrote to stderr (or a stdout line that is not JSON)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LINE_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
     line: _builtins.str
+    stream: _builtins.str
+    """"stderr" or "stdout"."""
     def __init__(
         self,
         *,
         line: _builtins.str = ...,
+        stream: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "stream", b"stream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
