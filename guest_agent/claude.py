@@ -6,9 +6,9 @@ How a run works:
   flag; the prompt goes through stdin, never argv (no length limit, no
   leading-dash surprises).
 - The CLI runs in its own session (setsid) as `--run-as` USER when the agent
-  has one (uid/gid/groups switched by the subprocess module in C, no Python
-  between fork and exec: gRPC's threads make a preexec_fn unsafe), with that
-  user's HOME so its sessions and settings live in their home.
+  has one (switched by exec'ing util-linux setpriv: see _spawn for why not
+  Popen(user=...)), with that user's HOME so its sessions and settings live
+  in their home.
 - Every stdout line is one stream-json object; `map_line` turns it into typed
   events (unknown line types become RawEvent: a newer CLI never loses data).
   stderr lines become LogEvents, and the last ones are kept for the error
@@ -471,14 +471,36 @@ async def _kill_session(sp: Spawned, grace: float) -> int:
     return len(members)
 
 
+def _setpriv() -> str:
+    found = shutil.which("setpriv") or "/usr/bin/setpriv"
+    if not os.path.exists(found):
+        raise AgentError(
+            grpc.StatusCode.FAILED_PRECONDITION, "--run-as needs util-linux setpriv in PATH"
+        )
+    return found
+
+
 def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tuple[Spawned, int]:
-    """Start the CLI in a new session; return it and the write end of its stdin."""
+    """Start the CLI in a new session; return it and the write end of its stdin.
+
+    Another user is switched to by exec'ing util-linux `setpriv`, not with
+    Popen(user=, group=): those make CPython fork() (no vfork) the
+    multi-threaded agent, and the child of that fork crashed with SIGSEGV
+    before exec in about one run in five. setpriv execs the CLI in place, so
+    the pid we hold is the CLI's.
+    """
+    if not user.is_self:
+        argv = [
+            _setpriv(),
+            f"--reuid={user.uid}",
+            f"--regid={user.gid}",
+            "--init-groups",
+            "--",
+            *argv,
+        ]
     r_out, w_out = os.pipe2(os.O_CLOEXEC)
     r_err, w_err = os.pipe2(os.O_CLOEXEC)
     r_in, w_in = os.pipe2(os.O_CLOEXEC)
-    ids: dict[str, Any] = {}
-    if not user.is_self:
-        ids = {"user": user.uid, "group": user.gid, "extra_groups": _groups(user)}
     try:
         popen = subprocess.Popen(
             argv,
@@ -489,7 +511,6 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
             env=env,
             start_new_session=True,
             close_fds=True,
-            **ids,
         )
     except BaseException as exc:
         for fd in (r_out, r_err, w_in):
@@ -497,7 +518,7 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
         if isinstance(exc, FileNotFoundError):
             raise not_found(f"claude not found: {argv[0]}") from None
         if isinstance(exc, PermissionError):
-            raise denied(f"cannot run {argv[0]} as {user.name}: {exc.strerror}") from None
+            raise denied(f"cannot run {argv[0]}: {exc.strerror}") from None
         if isinstance(exc, OSError):
             raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start claude: {exc}") from None
         raise
@@ -518,13 +539,6 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
     except (AttributeError, OSError):
         sp.pidfd = None
     return sp, w_in
-
-
-def _groups(user: RunUser) -> list[int]:
-    try:
-        return os.getgrouplist(user.name, user.gid)
-    except OSError:
-        return [user.gid]
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -578,7 +592,12 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                 )
             self._version_cache[key] = version
         return pb.ClaudeVersionResponse(
-            installed=True, version=version, path=exe, run_as_user=user.name
+            installed=True,
+            version=version,
+            path=exe,
+            run_as_user=user.name,
+            run_as_home=user.home,
+            agent_user=pwd.getpwuid(os.geteuid()).pw_name,
         )
 
     async def _run_version(self, exe: str, user: RunUser) -> str:

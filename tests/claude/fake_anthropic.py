@@ -86,9 +86,12 @@ class Recorded:
 
 
 def is_conversation(path: str, body: dict[str, Any]) -> bool:
-    return path.startswith("/v1/messages") and "count_tokens" not in path and bool(
-        body.get("stream")
-    ) and bool(body.get("tools"))
+    return (
+        path.startswith("/v1/messages")
+        and "count_tokens" not in path
+        and bool(body.get("stream"))
+        and bool(body.get("tools"))
+    )
 
 
 _SAFE_HEADERS = ("user-agent", "anthropic-version", "anthropic-beta", "x-app", "content-type")
@@ -209,10 +212,6 @@ class FakeAnthropic:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("request-id", _new_id("req"))
-                if status == 529 or status >= 500:  # retry soon
-                    self.send_header("retry-after-ms", "20")
-                if False:
-                    self.send_header("x-should-retry", "false")
                 self.end_headers()
                 self.wfile.write(data)
                 self.wfile.flush()
@@ -259,7 +258,9 @@ def _content(reply: Reply) -> tuple[list[dict[str, Any]], str]:
         blocks: list[dict[str, Any]] = []
         if reply.text:
             blocks.append({"type": "text", "text": reply.text})
-        blocks.append({"type": "tool_use", "id": reply.id, "name": reply.name, "input": reply.input})
+        blocks.append(
+            {"type": "tool_use", "id": reply.id, "name": reply.name, "input": reply.input}
+        )
         return blocks, "tool_use"
     if isinstance(reply, (Text, Hang)):
         return [{"type": "text", "text": reply.text}], "end_turn"
@@ -302,40 +303,58 @@ def _sse_events(reply: Reply, model: str) -> Iterator[tuple[str, dict[str, Any]]
     blocks, stop = _content(reply)
     for index, block in enumerate(blocks):
         if block["type"] == "text":
-            yield "content_block_start", {
-                "type": "content_block_start",
-                "index": index,
-                "content_block": {"type": "text", "text": ""},
-            }
+            yield (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
             chunks = reply.chunks if isinstance(reply, Text) else 1
             for part in _split(block["text"], chunks):
-                yield "content_block_delta", {
+                yield (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "text_delta", "text": part},
+                    },
+                )
+        else:
+            yield (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": {
+                        "type": "tool_use",
+                        "id": block["id"],
+                        "name": block["name"],
+                        "input": {},
+                    },
+                },
+            )
+            yield (
+                "content_block_delta",
+                {
                     "type": "content_block_delta",
                     "index": index,
-                    "delta": {"type": "text_delta", "text": part},
-                }
-        else:
-            yield "content_block_start", {
-                "type": "content_block_start",
-                "index": index,
-                "content_block": {
-                    "type": "tool_use",
-                    "id": block["id"],
-                    "name": block["name"],
-                    "input": {},
+                    "delta": {
+                        "type": "input_json_delta",
+                        "partial_json": json.dumps(block["input"]),
+                    },
                 },
-            }
-            yield "content_block_delta", {
-                "type": "content_block_delta",
-                "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
-            }
+            )
         if isinstance(reply, Hang):
             return  # stall mid-block: the caller waits for shutdown
         yield "content_block_stop", {"type": "content_block_stop", "index": index}
-    yield "message_delta", {
-        "type": "message_delta",
-        "delta": {"stop_reason": stop, "stop_sequence": None},
-        "usage": {"output_tokens": 5},
-    }
+    yield (
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": 5},
+        },
+    )
     yield "message_stop", {"type": "message_stop"}

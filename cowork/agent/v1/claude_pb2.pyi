@@ -151,6 +151,8 @@ class ClaudeVersionResponse(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     RUN_AS_USER_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RUN_AS_HOME_FIELD_NUMBER: _builtins.int
+    AGENT_USER_FIELD_NUMBER: _builtins.int
     installed: _builtins.bool
     """True when a `claude` executable was found and answered `--version`."""
     version: _builtins.str
@@ -161,6 +163,10 @@ class ClaudeVersionResponse(_message.Message):
     """The OS user runs happen as (the agent's --run-as, else its own user)."""
     error: _builtins.str
     """Why the CLI is not usable (not found, --version failed), when installed is false."""
+    run_as_home: _builtins.str
+    """Home directory of run_as_user (interactive sessions run there with HOME set to it)."""
+    agent_user: _builtins.str
+    """The agent's own user; when it differs from run_as_user, runs switch user."""
     def __init__(
         self,
         *,
@@ -169,10 +175,12 @@ class ClaudeVersionResponse(_message.Message):
         path: _builtins.str = ...,
         run_as_user: _builtins.str = ...,
         error: _builtins.str = ...,
+        run_as_home: _builtins.str = ...,
+        agent_user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "installed", b"installed", "path", b"path", "run_as_user", b"run_as_user", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_user", b"agent_user", "error", b"error", "installed", b"installed", "path", b"path", "run_as_home", b"run_as_home", "run_as_user", b"run_as_user", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,561 @@
+"""Claude Code through the agent: `ask_claude` (one result) and `ask_stream` (typed events).
+
+Plain dataclasses, no protobuf in user code. The CoworkClient and
+AsyncCoworkClient methods are thin wrappers over the functions here.
+
+Auth comes from the host environment: ANTHROPIC_API_KEY, CLAUDE_CODE_OAUTH_TOKEN
+(`claude setup-token`) and ANTHROPIC_BASE_URL are forwarded per call when set
+(`forward_auth=False` turns that off). They travel in the request only: the
+agent never writes them to disk or logs, and nothing here prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from cowork.agent.v1 import claude_pb2 as pb
+
+from .errors import CoworkError, from_rpc_error
+from .models import ExecutionResult
+
+if TYPE_CHECKING:
+    from .aio import AsyncCoworkClient
+    from .client import CoworkClient
+
+# Host variables forwarded to each run when set (never printed or stored).
+AUTH_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL")
+
+
+# -- events -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Event:
+    kind = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form with a "type" tag (what `coworkctl ask --json` prints)."""
+        return {"type": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ClaudeInit(_Event):
+    kind = "init"
+    session_id: str
+    model: str
+    tools: list[str]
+    cwd: str
+    claude_version: str
+    permission_mode: str
+    api_key_source: str = ""
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class AssistantText(_Event):
+    kind = "assistant_text"
+    text: str
+    partial: bool = False
+    message_id: str = ""
+    parent_tool_use_id: str = ""
+
+
+@dataclass(frozen=True)
+class ToolUse(_Event):
+    kind = "tool_use"
+    id: str
+    name: str
+    input_json: str
+    parent_tool_use_id: str = ""
+    truncated: bool = False
+
+    @property
+    def input(self) -> Any:
+        """The tool input parsed (None when the agent truncated it)."""
+        if self.truncated:
+            return None
+        try:
+            return json.loads(self.input_json)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class ToolResult(_Event):
+    kind = "tool_result"
+    tool_use_id: str
+    is_error: bool
+    content: str
+    truncated: bool = False
+    content_limit: int = 0
+    parent_tool_use_id: str = ""
+
+
+@dataclass(frozen=True)
+class ClaudeResult(_Event):
+    kind = "result"
+    subtype: str
+    is_error: bool
+    result: str
+    num_turns: int
+    duration_ms: int
+    duration_api_ms: int
+    total_cost_usd: float
+    session_id: str
+    exit_code: int
+    usage: dict[str, int] = field(default_factory=dict)
+    permission_denials: list[Any] = field(default_factory=list)
+    api_error_status: int = 0
+    stop_reason: str = ""
+    terminal_reason: str = ""
+    errors: list[str] = field(default_factory=list)
+    signal: int = 0
+
+
+@dataclass(frozen=True)
+class RawEvent(_Event):
+    """A stream-json line the agent has no typed event for (e.g. "system/api_retry")."""
+
+    kind = "raw"
+    type: str
+    json: str
+    truncated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "raw",
+            "raw_type": self.type,
+            "json": self.json,
+            "truncated": self.truncated,
+        }
+
+    @property
+    def data(self) -> Any:
+        try:
+            return json.loads(self.json)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class ClaudeLog(_Event):
+    """A line the CLI wrote to stderr (or a non-JSON stdout line)."""
+
+    kind = "log"
+    line: str
+    stream: str = "stderr"
+
+
+@dataclass(frozen=True)
+class ClaudeError(_Event):
+    """Terminal error: the CLI exited without a result, was stopped or timed out."""
+
+    kind = "error"
+    message: str
+    exit_code: int = 0
+    signal: int = 0
+    timed_out: bool = False
+    cancelled: bool = False
+    stderr_tail: str = ""
+
+
+ClaudeEvent = (
+    ClaudeInit
+    | AssistantText
+    | ToolUse
+    | ToolResult
+    | ClaudeResult
+    | RawEvent
+    | ClaudeLog
+    | ClaudeError
+)
+
+
+def event_from_pb(ev: pb.AskEvent) -> ClaudeEvent:
+    kind = ev.WhichOneof("event")
+    if kind == "init":
+        i = ev.init
+        return ClaudeInit(
+            i.session_id,
+            i.model,
+            list(i.tools),
+            i.cwd,
+            i.claude_version,
+            i.permission_mode,
+            i.api_key_source,
+            i.user,
+        )
+    if kind == "assistant_text":
+        a = ev.assistant_text
+        return AssistantText(a.text, a.partial, a.message_id, a.parent_tool_use_id)
+    if kind == "tool_use":
+        t = ev.tool_use
+        return ToolUse(t.id, t.name, t.input_json, t.parent_tool_use_id, t.truncated)
+    if kind == "tool_result":
+        r = ev.tool_result
+        return ToolResult(
+            r.tool_use_id, r.is_error, r.content, r.truncated, r.content_limit, r.parent_tool_use_id
+        )
+    if kind == "result":
+        s = ev.result
+        denials: list[Any] = []
+        for d in s.permission_denials_json:
+            try:
+                denials.append(json.loads(d))
+            except ValueError:
+                denials.append(d)
+        return ClaudeResult(
+            subtype=s.subtype,
+            is_error=s.is_error,
+            result=s.result,
+            num_turns=s.num_turns,
+            duration_ms=s.duration_ms,
+            duration_api_ms=s.duration_api_ms,
+            total_cost_usd=s.total_cost_usd,
+            session_id=s.session_id,
+            exit_code=s.exit_code,
+            usage={
+                "input_tokens": s.usage.input_tokens,
+                "output_tokens": s.usage.output_tokens,
+                "cache_creation_input_tokens": s.usage.cache_creation_input_tokens,
+                "cache_read_input_tokens": s.usage.cache_read_input_tokens,
+            },
+            permission_denials=denials,
+            api_error_status=s.api_error_status,
+            stop_reason=s.stop_reason,
+            terminal_reason=s.terminal_reason,
+            errors=list(s.errors),
+            signal=s.signal,
+        )
+    if kind == "raw":
+        return RawEvent(ev.raw.type, ev.raw.json, ev.raw.truncated)
+    if kind == "log":
+        return ClaudeLog(ev.log.line, ev.log.stream or "stderr")
+    if kind == "error":
+        e = ev.error
+        return ClaudeError(
+            e.message, e.exit_code, e.signal, e.timed_out, e.cancelled, e.stderr_tail
+        )
+    return RawEvent(f"unknown-event/{kind}", "{}")
+
+
+# -- requests ---------------------------------------------------------------------------
+def auth_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The forwarded auth variables from the host environment (names in AUTH_ENV)."""
+    src = os.environ if base is None else base
+    return {k: src[k] for k in AUTH_ENV if src.get(k)}
+
+
+def ask_request(
+    prompt: str,
+    *,
+    cwd: str | None = None,
+    model: str | None = None,
+    max_turns: int | None = None,
+    max_budget_usd: float | None = None,
+    permission_mode: str | None = None,
+    allowed_tools: Sequence[str] | str | None = None,
+    disallowed_tools: Sequence[str] | str | None = None,
+    append_system_prompt: str | None = None,
+    resume: str | None = None,
+    continue_session: bool = False,
+    session_id: str | None = None,
+    fork_session: bool = False,
+    include_partial_messages: bool = False,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    forward_auth: bool = True,
+    tool_result_limit: int = 0,
+) -> pb.AskRequest:
+    """Build the Claude.Ask request (the keyword options of ask_claude/ask_stream)."""
+
+    def tools(v: Sequence[str] | str | None) -> list[str]:
+        if v is None:
+            return []
+        items = v.split(",") if isinstance(v, str) else list(v)
+        return [t.strip() for t in items if t.strip()]
+
+    run_env = auth_env() if forward_auth else {}
+    run_env.update(env or {})
+    if timeout is not None and timeout <= 0:
+        raise ValueError("timeout must be > 0")
+    return pb.AskRequest(
+        prompt=prompt,
+        cwd=cwd or "",
+        model=model or "",
+        max_turns=max_turns or 0,
+        max_budget_usd=max_budget_usd or 0.0,
+        permission_mode=permission_mode or "",
+        allowed_tools=tools(allowed_tools),
+        disallowed_tools=tools(disallowed_tools),
+        append_system_prompt=append_system_prompt or "",
+        resume=resume or "",
+        continue_session=continue_session,
+        session_id=session_id or "",
+        fork_session=fork_session,
+        include_partial_messages=include_partial_messages,
+        timeout_ms=int(timeout * 1000) if timeout else 0,
+        env=run_env,
+        tool_result_limit=tool_result_limit,
+    )
+
+
+# -- results ----------------------------------------------------------------------------
+@dataclass
+class ClaudeExecutionResult(ExecutionResult):
+    """ExecutionResult (output = the final result text, error = the error text, exit 0/1)
+    plus the run's details."""
+
+    session_id: str = ""
+    result: ClaudeResult | None = None
+    failure: ClaudeError | None = None
+    events: list[ClaudeEvent] = field(default_factory=list)
+
+    @property
+    def total_cost_usd(self) -> float:
+        return self.result.total_cost_usd if self.result is not None else 0.0
+
+    @property
+    def num_turns(self) -> int:
+        return self.result.num_turns if self.result is not None else 0
+
+
+def summarize(events: Sequence[ClaudeEvent]) -> ClaudeExecutionResult:
+    """Fold a run's events into the seed-shaped result."""
+    result = next((e for e in reversed(events) if isinstance(e, ClaudeResult)), None)
+    failure = next((e for e in reversed(events) if isinstance(e, ClaudeError)), None)
+    init = next((e for e in events if isinstance(e, ClaudeInit)), None)
+    session = (
+        result.session_id if result and result.session_id else (init.session_id if init else "")
+    )
+    if result is not None:
+        ok = not result.is_error
+        error = "" if ok else (result.result or "; ".join(result.errors) or result.subtype)
+        return ClaudeExecutionResult(
+            output=result.result,
+            error=error,
+            exit_code=0 if ok else 1,
+            signal=result.signal,
+            duration_ms=float(result.duration_ms),
+            session_id=session,
+            result=result,
+            events=list(events),
+        )
+    if failure is not None:
+        error = failure.message
+        if failure.stderr_tail and failure.stderr_tail not in error:
+            error += "\n" + failure.stderr_tail
+        return ClaudeExecutionResult(
+            output="",
+            error=error,
+            exit_code=1,
+            signal=failure.signal,
+            timed_out=failure.timed_out,
+            session_id=session,
+            failure=failure,
+            events=list(events),
+        )
+    return ClaudeExecutionResult(
+        output="",
+        error="the claude run ended without a result",
+        exit_code=1,
+        session_id=session,
+        events=list(events),
+    )
+
+
+def text_of(events: Sequence[ClaudeEvent]) -> str:
+    """All complete assistant text of a run, in order."""
+    return "".join(e.text for e in events if isinstance(e, AssistantText) and not e.partial)
+
+
+# -- sync -------------------------------------------------------------------------------
+class AskStream:
+    """A running Claude.Ask: iterate it for events; `cancel()` stops the remote run.
+
+    Leaving the iteration early (break, exception, KeyboardInterrupt) cancels
+    the call, which makes the agent interrupt and reap the CLI.
+    """
+
+    def __init__(self, client: CoworkClient, request: pb.AskRequest) -> None:
+        self._client = client
+        self._request = request
+        self._call: Any = None
+        self.events: list[ClaudeEvent] = []
+        self.finished = False
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    def __iter__(self) -> Iterator[ClaudeEvent]:
+        stub = self._client._stub("_claude")
+        md = self._client._metadata
+
+        def start() -> tuple[Any, Any]:
+            call = stub.Ask(self._request, metadata=md)
+            self._call = call
+            try:
+                return call, next(call)
+            except StopIteration:
+                return call, None
+
+        call, first = self._client._call(start)
+        try:
+            if first is None:
+                return
+            for resp in _chain(first, call):
+                ev = event_from_pb(resp)
+                self.events.append(ev)
+                if isinstance(ev, (ClaudeResult, ClaudeError)):
+                    self.finished = True
+                yield ev
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self._client.target.spec) from None
+        finally:
+            if not self.finished:
+                call.cancel()
+
+    def collect(self) -> ClaudeExecutionResult:
+        for _ in self:
+            pass
+        return summarize(self.events)
+
+
+def _chain(first: Any, rest: Any) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def ask_stream(client: CoworkClient, prompt: str, **options: Any) -> AskStream:
+    return AskStream(client, ask_request(prompt, **options))
+
+
+def ask_claude(client: CoworkClient, prompt: str, **options: Any) -> ClaudeExecutionResult:
+    return ask_stream(client, prompt, **options).collect()
+
+
+def claude_version(client: CoworkClient) -> dict[str, Any]:
+    stub = client._stub("_claude")
+    resp = client._call(lambda: stub.Version(pb.ClaudeVersionRequest(), metadata=client._metadata))
+    return _version_dict(resp)
+
+
+def _version_dict(resp: pb.ClaudeVersionResponse) -> dict[str, Any]:
+    return {
+        "installed": resp.installed,
+        "version": resp.version,
+        "path": resp.path,
+        "run_as_user": resp.run_as_user,
+        "run_as_home": resp.run_as_home,
+        "agent_user": resp.agent_user,
+        "error": resp.error,
+    }
+
+
+# -- async ------------------------------------------------------------------------------
+class AsyncAskStream:
+    """Async twin of AskStream: `async for ev in stream`; `cancel()` stops the run."""
+
+    def __init__(self, client: AsyncCoworkClient, request: pb.AskRequest) -> None:
+        self._client = client
+        self._request = request
+        self._call: Any = None
+        self.events: list[ClaudeEvent] = []
+        self.finished = False
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[ClaudeEvent]:
+        stub = self._client._stub("_claude")
+        md = self._client._metadata
+        self._call = stub.Ask(self._request, metadata=md)
+        try:
+            async for resp in _retrying(self._client, self._request, self):
+                ev = event_from_pb(resp)
+                self.events.append(ev)
+                if isinstance(ev, (ClaudeResult, ClaudeError)):
+                    self.finished = True
+                yield ev
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, self._client.target.spec) from None
+        finally:
+            if not self.finished and self._call is not None:
+                self._call.cancel()
+
+    async def collect(self) -> ClaudeExecutionResult:
+        async for _ in self:
+            pass
+        return summarize(self.events)
+
+
+async def _retrying(
+    client: AsyncCoworkClient, request: pb.AskRequest, stream: AsyncAskStream
+) -> AsyncIterator[Any]:
+    """The call's messages; a call that never reached the agent (UNAVAILABLE before any
+    message) is retried once after the channel is ready again."""
+    got_any = False
+    try:
+        async for resp in stream._call:
+            got_any = True
+            yield resp
+        return
+    except grpc.aio.AioRpcError as exc:
+        if got_any or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        import asyncio
+
+        try:
+            await asyncio.wait_for(client.channel.channel_ready(), client.connect_timeout)
+        except asyncio.TimeoutError:
+            raise exc from None
+    stub = client._stub("_claude")
+    stream._call = stub.Ask(request, metadata=client._metadata)
+    async for resp in stream._call:
+        yield resp
+
+
+def async_ask_stream(client: AsyncCoworkClient, prompt: str, **options: Any) -> AsyncAskStream:
+    return AsyncAskStream(client, ask_request(prompt, **options))
+
+
+async def async_ask_claude(
+    client: AsyncCoworkClient, prompt: str, **options: Any
+) -> ClaudeExecutionResult:
+    return await async_ask_stream(client, prompt, **options).collect()
+
+
+async def async_claude_version(client: AsyncCoworkClient) -> dict[str, Any]:
+    stub = client._stub("_claude")
+    resp = await client._call(
+        lambda: stub.Version(pb.ClaudeVersionRequest(), metadata=client._metadata)
+    )
+    return _version_dict(resp)
+
+
+__all__ = [
+    "AUTH_ENV",
+    "AskStream",
+    "AssistantText",
+    "AsyncAskStream",
+    "ClaudeError",
+    "ClaudeEvent",
+    "ClaudeExecutionResult",
+    "ClaudeInit",
+    "ClaudeLog",
+    "ClaudeResult",
+    "CoworkError",
+    "RawEvent",
+    "ToolResult",
+    "ToolUse",
+    "ask_request",
+    "event_from_pb",
+    "summarize",
+]
