@@ -288,7 +288,7 @@ def _split(text: str, n: int) -> list[str]:
 
 
 def _sse_events(reply: Reply, model: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    msg = {
+    msg: dict[str, Any] = {
         "id": _new_id("msg"),
         "type": "message",
         "role": "assistant",

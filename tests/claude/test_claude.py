@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import TypeVar
 
 import pytest
 
@@ -37,13 +38,14 @@ from tests.claude.fake_anthropic import ToolUse as ToolCall
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
+E = TypeVar("E")
 
 
 def kinds(events: list[ClaudeEvent]) -> list[str]:
     return [e.kind for e in events]
 
 
-def only(events: list[ClaudeEvent], cls: type) -> list[ClaudeEvent]:
+def only(events: list[ClaudeEvent], cls: type[E]) -> list[E]:
     return [e for e in events if isinstance(e, cls)]
 
 
@@ -288,7 +290,12 @@ def test_cancel_while_model_streams(
     marker = run_marker(run_env)
     with claude_agent.client() as c:
         stream = c.ask_stream("take your time", env=run_env)
-        t = threading.Thread(target=lambda: api.hanging.wait(30) and stream.cancel())
+
+        def cancel_when_hanging() -> None:
+            if api.hanging.wait(30):
+                stream.cancel()
+
+        t = threading.Thread(target=cancel_when_hanging)
         t.start()
         with pytest.raises(CoworkError) as info:
             list(stream)
