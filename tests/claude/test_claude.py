@@ -6,10 +6,13 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -500,3 +503,141 @@ def test_coworkctl_usage_errors(claude_agent: ClaudeAgent) -> None:
     assert p.returncode == 2
     p = subprocess.run([*base, "claude"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert p.returncode == 2 and "terminal" in p.stderr
+
+
+# -- coworkctl claude (interactive, over a PTY) --------------------------------------------
+def run_on_pty(cmd: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """Run `cmd` with a real terminal as stdin/stdout/stderr; return (exit code, output)."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        cmd, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env, start_new_session=True
+    )
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    break  # EIO: every writer closed the terminal
+                if not data:
+                    break
+                out += data
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, out.decode("utf-8", "replace")
+
+
+def test_coworkctl_claude_runs_the_cli_on_a_pty(
+    claude_agent: ClaudeAgent, api: FakeAnthropic, run_env: dict[str, str]
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "COWORK_"))}
+    env.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=api.base_url, TERM="xterm")
+    base = [sys.executable, "-m", "host_client.cli", "--target", claude_agent.target]
+    base += ["--token-file", str(claude_agent.token_file), "claude"]
+    code, out = run_on_pty([*base, "--", "--version"], env)
+    assert code == 0, out
+    assert f"{CLAUDE_VERSION} (Claude Code)" in out
+    # A real model round trip through the PTY path, as the run-as user, with the
+    # host's auth forwarded (the CLI in print mode, so the test need not drive the TUI).
+    api.script(Text("pty says hello"))
+    wd = claude_agent.workdir("pty")
+    code, out = run_on_pty([*base, "--cwd", str(wd), "--", "-p", "say hello"], env)
+    assert code == 0, out
+    assert "pty says hello" in out
+    assert FAKE_KEY not in out
+    conv = api.conversation_requests()
+    assert len(conv) == 1 and "say hello" in conv[0].text_of_messages()
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?<>=]*[a-zA-Z~]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\x1b[=>]")
+
+
+def squeezed(raw: bytes) -> str:
+    """Screen text without escape sequences or whitespace (TUIs move the cursor instead)."""
+    return "".join(_ANSI.sub("", raw.decode("utf-8", "replace")).split())
+
+
+def seed_claude_home(agent: ClaudeAgent, workdir: str) -> None:
+    """What a provisioned VM's user already has: onboarding done, this API key approved,
+    the workspace trusted (otherwise the TUI opens with first-run dialogs)."""
+    home = Path(pwd.getpwnam(agent.run_as).pw_dir) if agent.run_as else agent.dir / "home"
+    cfg_path = home / ".claude.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg["hasCompletedOnboarding"] = True
+    cfg.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
+    cfg["customApiKeyResponses"]["approved"].append(FAKE_KEY[-20:])
+    cfg.setdefault("projects", {})[workdir] = {"hasTrustDialogAccepted": True}
+    cfg_path.write_text(json.dumps(cfg))
+    if agent.run_as:
+        pw = pwd.getpwnam(agent.run_as)
+        os.chown(cfg_path, pw.pw_uid, pw.pw_gid)
+
+
+def test_coworkctl_claude_interactive_tui(
+    claude_agent: ClaudeAgent, api: FakeAnthropic, run_env: dict[str, str]
+) -> None:
+    """The real TUI over `coworkctl claude`: type a prompt, see the model's answer, quit."""
+    import pty
+    import select
+
+    wd = claude_agent.workdir("tui")
+    seed_claude_home(claude_agent, str(wd))
+    api.script(Text("Hello from the TUI"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "COWORK_"))}
+    env.update(ANTHROPIC_API_KEY=FAKE_KEY, ANTHROPIC_BASE_URL=api.base_url, TERM="xterm-256color")
+    cmd = [sys.executable, "-m", "host_client.cli", "--target", claude_agent.target]
+    cmd += ["--token-file", str(claude_agent.token_file), "claude", "--cwd", str(wd)]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        cmd, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env, start_new_session=True
+    )
+    os.close(slave)
+    screen = bytearray()
+
+    def read_until(needle: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in squeezed(bytes(screen)):
+                return True
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    screen.extend(os.read(master, 65536))
+                except OSError:
+                    return needle in squeezed(bytes(screen))
+        return needle in squeezed(bytes(screen))
+
+    try:
+        assert read_until("ClaudeCodev" + CLAUDE_VERSION, 30), squeezed(bytes(screen))[-800:]
+        assert read_until("\u276f", 10)  # the input prompt
+        os.write(master, b"say hello")
+        assert read_until("sayhello", 10)
+        os.write(master, b"\r")
+        assert read_until("HellofromtheTUI", 30), squeezed(bytes(screen))[-800:]
+        os.write(master, b"\x03")
+        assert read_until("PressCtrl-Cagaintoexit", 10), squeezed(bytes(screen))[-400:]
+        os.write(master, b"\x03")
+        deadline = time.monotonic() + 15
+        while proc.poll() is None and time.monotonic() < deadline:
+            read_until("\x00", 0.2)  # keep draining the terminal until coworkctl exits
+        assert proc.poll() == 0, squeezed(bytes(screen))[-800:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    conv = api.conversation_requests()
+    assert len(conv) == 1 and "say hello" in conv[0].text_of_messages()
