@@ -326,9 +326,13 @@ class Renderer:
                 self.out.write(ev.result if ev.result.endswith("\n") else ev.result + "\n")
                 self.out.flush()
             status = "failed" if ev.is_error else "done"
+            # An API error ends with subtype "success" and is_error; say what ended it.
+            reason = ev.subtype
+            if ev.is_error and reason == "success":
+                reason = ev.terminal_reason or "error"
             seconds = ev.duration_ms / 1000
             summary = (
-                f"{status} ({ev.subtype}) · {ev.num_turns} turn{'s' if ev.num_turns != 1 else ''}"
+                f"{status} ({reason}) · {ev.num_turns} turn{'s' if ev.num_turns != 1 else ''}"
                 f" · ${ev.total_cost_usd:.4f} · {seconds:.1f}s · session {ev.session_id}"
             )
             if ev.exit_code:

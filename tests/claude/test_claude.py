@@ -449,7 +449,7 @@ def test_coworkctl_ask_failure_exit_1(
     assert p.returncode == 1
     assert p.stdout == ""
     assert "error: API Error: 529" in p.stderr
-    assert "failed (success) · 1 turn" in p.stderr
+    assert "failed (api_error) · 1 turn" in p.stderr
     api.script(ApiError(401, "authentication_error", "invalid x-api-key"))
     j = coworkctl(claude_agent, ["ask", "--json", "hello"], run_env)
     assert j.returncode == 1
