@@ -6,9 +6,10 @@ by scripts/tools.d/20-claude.sh when missing); only the model is faked
 
 When the tests run as root (as here), the agent runs Claude as an
 unprivileged user through `--run-as`, like the VM does: the fixture creates a
-system user `cowork-claude` for the session (and deletes it afterwards if it
-created it). A second agent without --run-as covers the root case
-(bypassPermissions needs IS_SANDBOX=1 there).
+system user `cwc-XXXXXX` (unique per test session, so concurrent sessions do
+not share a HOME) with its home under /var/tmp, and deletes both afterwards.
+A second agent without --run-as covers the root case (bypassPermissions
+needs IS_SANDBOX=1 there).
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from tests.claude.fake_anthropic import FakeAnthropic
 REPO = Path(__file__).resolve().parents[2]
 CLAUDE_BIN = REPO / ".tools" / "claude" / "node_modules" / ".bin" / "claude"
 CLAUDE_VERSION = "2.1.330"
-RUN_AS = "cowork-claude"
-RUN_AS_HOME = Path("/var/tmp/cowork-claude-home")
+RUN_AS_PREFIX = "cwc-"
 
 # What the CLI needs to work offline (no telemetry, no update checks, no
 # other side traffic): set in the agent's environment, like a VM's unit would.
@@ -145,34 +145,32 @@ class ClaudeAgent:
         return d
 
 
-def _ensure_run_as_user() -> bool:
-    """Create the unprivileged user Claude runs as; True if this call created it."""
-    created = False
-    try:
-        pwd.getpwnam(RUN_AS)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--user-group",
-                "--shell",
-                "/bin/sh",
-                "--home-dir",
-                str(RUN_AS_HOME),
-                RUN_AS,
-            ],
-            check=True,
-        )
-        created = True
-    pw = pwd.getpwnam(RUN_AS)
-    home = Path(pw.pw_dir)
-    if home.exists():
-        shutil.rmtree(home)  # a fresh ~/.claude for every session
-    home.mkdir(parents=True)
-    os.chown(home, pw.pw_uid, pw.pw_gid)
+def create_run_as_user() -> str:
+    """Create a fresh unprivileged user (with an empty home) for Claude to run as."""
+    name = RUN_AS_PREFIX + secrets.token_hex(3)
+    home = Path("/var/tmp") / f"{name}-home"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--user-group",
+            "--shell",
+            "/bin/sh",
+            "--home-dir",
+            str(home),
+            "--create-home",
+            name,
+        ],
+        check=True,
+    )
     home.chmod(0o700)
-    return created
+    return name
+
+
+def delete_run_as_user(name: str) -> None:
+    home = pwd.getpwnam(name).pw_dir
+    subprocess.run(["userdel", name], check=False)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def make_claude_agent(claude_bin: Path, run_as: str | None) -> ClaudeAgent:
@@ -199,19 +197,19 @@ def make_claude_agent(claude_bin: Path, run_as: str | None) -> ClaudeAgent:
 
 @pytest.fixture(scope="session")
 def claude_agent(claude_bin: Path) -> Iterator[ClaudeAgent]:
-    """The agent the Claude tests share: Claude runs as `cowork-claude` when we are root."""
-    created = False
-    run_as = None
-    if os.geteuid() == 0:
-        created = _ensure_run_as_user()
-        run_as = RUN_AS
-    agent = make_claude_agent(claude_bin, run_as)
-    yield agent
-    agent.stop()
-    shutil.rmtree(agent.dir, ignore_errors=True)
-    if created:
-        subprocess.run(["userdel", RUN_AS], check=False)
-        shutil.rmtree(RUN_AS_HOME, ignore_errors=True)
+    """The agent the Claude tests share: Claude runs as a fresh unprivileged user when we
+    are root (as in CI), else as ourselves."""
+    run_as = create_run_as_user() if os.geteuid() == 0 else None
+    try:
+        agent = make_claude_agent(claude_bin, run_as)
+        try:
+            yield agent
+        finally:
+            agent.stop()
+            shutil.rmtree(agent.dir, ignore_errors=True)
+    finally:
+        if run_as:
+            delete_run_as_user(run_as)
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_version_and_info(claude_agent: ClaudeAgent) -> None:
     assert info["claude"]["version"].startswith(CLAUDE_VERSION)
     assert "claude" in info["capabilities"]
     if os.geteuid() == 0:
-        assert v["run_as_user"] == "cowork-claude"
+        assert v["run_as_user"] == claude_agent.run_as
         assert v["agent_user"] == "root"
 
 
