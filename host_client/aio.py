@@ -7,7 +7,7 @@ import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cowork.agent.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    claude_pb2_grpc,
     files_pb2,
     files_pb2_grpc,
     process_pb2,
@@ -29,6 +30,9 @@ from .errors import AgentUnavailable, from_rpc_error
 from .models import ExecEvent, ExecutionResult, Exited, FileInfo, Output, Started, TransferResult
 from .protodict import to_dict
 from .transports import ChannelHandle
+
+if TYPE_CHECKING:
+    from .claude import AsyncAskStream, ClaudeExecutionResult
 
 T = TypeVar("T")
 _END = object()
@@ -59,6 +63,7 @@ class AsyncCoworkClient:
             self._process = process_pb2_grpc.ProcessStub(self._channel)
             self._files = files_pb2_grpc.FilesStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
+            self._claude = claude_pb2_grpc.ClaudeStub(self._channel)
         return self._channel
 
     def _stub(self, name: str) -> Any:
@@ -285,6 +290,24 @@ class AsyncCoworkClient:
                 pass
             raise
         return TransferResult(local, n, digest.hexdigest())
+
+    # -- Claude Code (host_client/claude.py) ------------------------------------------
+    async def ask_claude(self, prompt: str, **options: Any) -> ClaudeExecutionResult:
+        """Async twin of CoworkClient.ask_claude."""
+        from .claude import async_ask_claude
+
+        return await async_ask_claude(self, prompt, **options)
+
+    def ask_stream(self, prompt: str, **options: Any) -> AsyncAskStream:
+        """Async twin of CoworkClient.ask_stream: `async for ev in client.ask_stream(...)`."""
+        from .claude import async_ask_stream
+
+        return async_ask_stream(self, prompt, **options)
+
+    async def claude_version(self) -> dict[str, Any]:
+        from .claude import async_claude_version
+
+        return await async_claude_version(self)
 
 
 class AsyncExecStream:

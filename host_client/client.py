@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cowork.agent.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    claude_pb2_grpc,
     files_pb2,
     files_pb2_grpc,
     process_pb2,
@@ -33,6 +34,9 @@ from .errors import AgentUnavailable, CoworkError, from_rpc_error
 from .models import ExecEvent, ExecutionResult, Exited, FileInfo, Output, Started, TransferResult
 from .protodict import to_dict
 from .transports import ChannelHandle
+
+if TYPE_CHECKING:
+    from .claude import AskStream, ClaudeExecutionResult
 
 T = TypeVar("T")
 Progress = Callable[[int], None]
@@ -73,6 +77,7 @@ class CoworkClient:
                 self._process = process_pb2_grpc.ProcessStub(self._channel)
                 self._files = files_pb2_grpc.FilesStub(self._channel)
                 self._health = health_pb2_grpc.HealthStub(self._channel)
+                self._claude = claude_pb2_grpc.ClaudeStub(self._channel)
             return self._channel
 
     def _stub(self, name: str) -> Any:
@@ -384,6 +389,31 @@ class CoworkClient:
                 pass
             raise
         return TransferResult(local, n, digest.hexdigest())
+
+    # -- Claude Code (host_client/claude.py) ------------------------------------------
+    def ask_claude(self, prompt: str, **options: Any) -> ClaudeExecutionResult:
+        """Run Claude Code on `prompt` in the VM; output = the result text, exit_code 0/1.
+
+        Options: cwd, model, max_turns, max_budget_usd, permission_mode,
+        allowed_tools, disallowed_tools, append_system_prompt, resume,
+        continue_session, session_id, fork_session, include_partial_messages,
+        timeout, env, forward_auth (see host_client.claude.ask_request).
+        """
+        from .claude import ask_claude
+
+        return ask_claude(self, prompt, **options)
+
+    def ask_stream(self, prompt: str, **options: Any) -> AskStream:
+        """Like ask_claude, but yields the run's typed events as they happen."""
+        from .claude import ask_stream
+
+        return ask_stream(self, prompt, **options)
+
+    def claude_version(self) -> dict[str, Any]:
+        """Whether the CLI is installed in the VM, its version, path and run-as user."""
+        from .claude import claude_version
+
+        return claude_version(self)
 
 
 class ExecStream:
