@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-as", metavar="USER", help="run Claude Code as this user when the agent is root"
     )
+    # --- vsock peers (issue 4, guest_agent/vsock.py) ---
+    p.add_argument(
+        "--vsock-peer-cid",
+        action="append",
+        type=int,
+        default=[],
+        metavar="CID",
+        help="accept vsock connections only from this CID (repeatable; default 2 = the host)",
+    )
+    p.add_argument(
+        "--vsock-any-peer", action="store_true", help="accept vsock connections from any CID"
+    )
+    # --- end vsock peers ---
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", metavar="PATH", help="write logs here instead of stderr")
@@ -130,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         kill_grace=args.kill_grace,
         claude_bin=args.claude_bin or os.environ.get("COWORK_CLAUDE_BIN"),
         run_as=args.run_as,
+        # vsock peers (issue 4): None = any CID
+        vsock_peer_cids=None if args.vsock_any_peer else (args.vsock_peer_cid or [2]),
     )
 
     async def serve() -> None:

@@ -18,4 +18,6 @@ class AgentConfig:
     kill_grace: float = KILL_GRACE_SECONDS
     claude_bin: str | None = None
     run_as: str | None = None
+    # vsock: CIDs allowed to connect (None = any); default the host only (CID 2).
+    vsock_peer_cids: list[int] | None = field(default_factory=lambda: [2])
     extra: dict[str, str] = field(default_factory=dict)
