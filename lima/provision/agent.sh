@@ -1,0 +1,259 @@
+#!/bin/bash
+# Installs the cowork guest agent: a venv under /opt/cowork from the project's
+# wheel, the token (root, 0600), and the systemd unit cowork-agent.service
+# (listening on unix:/run/cowork/agent.sock and vsock:7070, restart on failure).
+# Runs as root on Ubuntu 22.04/24.04 and Debian 12; idempotent (Lima runs it on
+# every boot: an unchanged wheel and unit cost no pip and no restart).
+#
+# Interface: environment variables, all optional; /etc/cowork/agent.env (KEY=VALUE
+# lines) supplies defaults for unset ones (under Lima a `data` provision of
+# lima/cowork.yaml writes that file, with the Lima user and the params).
+#   COWORK_WHEEL=PATH          the project wheel: a .whl, a .whl.b64 (base64 text,
+#                              as Lima's data provisions deliver it), or a directory
+#                              holding them (newest wins). Default: /opt/cowork/dist
+#                              (where coworkctl init's data provision puts it).
+#   COWORK_WHEELHOUSE=DIR      install dependencies offline, only from DIR
+#                              (pip --no-index --find-links DIR). Default: PyPI.
+#   COWORK_TOKEN_SRC=PATH      file holding the token; installed as /etc/cowork/token
+#                              (root:root 0600). Default: keep /etc/cowork/token
+#                              (Lima: written there 0600 by a `data` provision).
+#   COWORK_GENERATE_TOKEN=1    no token anywhere: generate one in the guest
+#                              (32 random bytes, hex). Never printed.
+#   COWORK_SOCKET_USER=USER    user that must reach the unix socket (under Lima:
+#                              the Lima user, as whom the SSH socket forward connects).
+#                              The socket becomes 0660, group = USER's primary
+#                              group (present since the user was created, so an
+#                              SSH session opened before this script already has
+#                              it). Empty: socket 0600, root only.
+#   COWORK_SOCKET_GROUP=GROUP  use this group instead of USER's primary group.
+#   COWORK_RUN_AS=USER         user Claude Code runs as. Default: COWORK_SOCKET_USER
+#                              (under Lima its uid owns the /workspace mount);
+#                              "root" or empty with no socket user: no --run-as.
+#   COWORK_VSOCK=auto|1|0      listen on vsock:$COWORK_VSOCK_PORT. auto (default):
+#                              only when the guest has a virtio-vsock device (Lima
+#                              on vz has one, Lima on qemu does not).
+#   COWORK_VSOCK_PORT=7070
+#   COWORK_ROOT=/workspace     workspace root given to the agent (created if missing).
+#   COWORK_INSTALL_TOOLCHAIN=0 1: run base.sh (next to this script) first.
+#   COWORK_INSTALL_CLAUDE=0    1: run claude.sh (next to this script) first.
+#   COWORK_START=auto|1|0      enable + (re)start the unit and wait for its socket.
+#                              auto: when systemd is running (not in a chroot).
+#   COWORK_PYTHON=python3      interpreter for the venv (>= 3.10).
+#   COWORK_AGENT_ARGS="..."    extra cowork-agent arguments (e.g. "--log-level debug").
+#   COWORK_PREFIX=/opt/cowork
+# Result: $COWORK_PREFIX/venv/bin/cowork-agent, /etc/cowork/token,
+#   /etc/systemd/system/cowork-agent.service, and $COWORK_PREFIX/bin/cowork-health
+#   (exit 0 when the agent answers grpc.health.v1 as SERVING on its socket; Lima's
+#   readiness probe runs it as the Lima user). Exit 0 = installed (and, when
+#   started, the socket exists); 1 = failed, one line on stderr. The token is
+#   never printed.
+set -euo pipefail
+if [ -r /etc/cowork/agent.env ]; then
+  while IFS= read -r line; do
+    case "$line" in COWORK_*=*) key=${line%%=*}; [ -n "${!key+set}" ] || export "${line?}" ;; esac
+  done </etc/cowork/agent.env
+fi
+
+PREFIX=${COWORK_PREFIX:-/opt/cowork}
+VENV=$PREFIX/venv
+TOKEN=/etc/cowork/token
+SOCKET=/run/cowork/agent.sock
+UNIT=/etc/systemd/system/cowork-agent.service
+ROOT=${COWORK_ROOT:-/workspace}
+VSOCK=${COWORK_VSOCK:-auto}
+VSOCK_PORT=${COWORK_VSOCK_PORT:-7070}
+PYTHON=${COWORK_PYTHON:-python3}
+SOCKET_USER=${COWORK_SOCKET_USER:-}
+here=$(cd "$(dirname "$0")" && pwd)
+
+log() { echo "cowork agent.sh: $*"; }
+die() { echo "cowork agent.sh: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root"
+
+case "${COWORK_INSTALL_TOOLCHAIN:-0}" in 1 | true | yes) COWORK_INSTALL_TOOLCHAIN=1 bash "$here/base.sh" ;; esac
+case "${COWORK_INSTALL_CLAUDE:-0}" in 1 | true | yes) COWORK_INSTALL_CLAUDE=1 bash "$here/claude.sh" ;; esac
+
+# --- the wheel --------------------------------------------------------------
+wheel=${COWORK_WHEEL:-$PREFIX/dist}
+if [ -d "$wheel" ]; then
+  # shellcheck disable=SC2012 # wheel names are plain
+  found=$(ls -t "$wheel"/*.whl "$wheel"/*.whl.b64 2>/dev/null | head -n1 || true)
+  [ -n "$found" ] || die "no agent wheel in $wheel: create the VM with 'coworkctl init' (it delivers the wheel), or set COWORK_WHEEL"
+  wheel=$found
+fi
+[ -f "$wheel" ] || die "agent wheel not found: $wheel"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+case "$wheel" in
+*.whl.b64)
+  name=$(basename "$wheel" .b64)
+  base64 -d "$wheel" >"$work/$name" || die "cannot decode $wheel"
+  wheel=$work/$name
+  ;;
+*.whl) ;;
+*) die "not a wheel: $wheel" ;;
+esac
+
+# --- the venv ----------------------------------------------------------------
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+  die "$PYTHON is $("$PYTHON" --version 2>&1); the agent needs Python >= 3.10"
+install -d -m 0755 "$PREFIX"
+want=$(sha256sum "$wheel" | cut -d' ' -f1)
+have=$(cat "$PREFIX/.wheel-sha256" 2>/dev/null || true)
+changed=0
+if [ "$want" != "$have" ] || ! "$VENV/bin/cowork-agent" --version >/dev/null 2>&1; then
+  log "installing $(basename "$wheel") into $VENV"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "cannot create a venv with $PYTHON (install python3-venv)"
+  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+  if [ -n "${COWORK_WHEELHOUSE:-}" ]; then
+    pip+=(--no-index --find-links "$COWORK_WHEELHOUSE")
+  fi
+  "${pip[@]}" "$wheel" || die "pip could not install $wheel"
+  # Same version, new build: replace the project itself, keep the dependencies.
+  "${pip[@]}" --force-reinstall --no-deps "$wheel" || die "pip could not reinstall $wheel"
+  "$VENV/bin/cowork-agent" --version >/dev/null || die "$VENV/bin/cowork-agent does not run"
+  echo "$want" >"$PREFIX/.wheel-sha256"
+  changed=1
+fi
+
+# The health check (Lima's readiness probe; usable by any harness).
+install -d -m 0755 "$PREFIX/bin"
+cat >"$PREFIX/bin/cowork-health.tmp" <<HEALTH
+#!/bin/sh
+# Exit 0 when the cowork agent answers grpc.health.v1 as SERVING on its socket.
+# Usage: cowork-health [SOCKET] [TIMEOUT_SECONDS]   (written by agent.sh)
+exec "$VENV/bin/python" - "\${1:-$SOCKET}" "\${2:-3}" <<'PY'
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sock, timeout = sys.argv[1], float(sys.argv[2])
+with grpc.insecure_channel(f"unix:{sock}") as channel:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout
+        )
+    except grpc.RpcError as exc:
+        sys.exit(f"cowork-health: {sock}: {exc.code().name}: {exc.details()}")
+if reply.status != health_pb2.HealthCheckResponse.SERVING:
+    sys.exit(f"cowork-health: {sock}: not serving ({reply.status})")
+print(f"cowork-health: {sock}: serving")
+PY
+HEALTH
+chmod 0755 "$PREFIX/bin/cowork-health.tmp"
+mv -f "$PREFIX/bin/cowork-health.tmp" "$PREFIX/bin/cowork-health"
+
+# --- the token ---------------------------------------------------------------
+install -d -m 0755 /etc/cowork
+if [ -n "${COWORK_TOKEN_SRC:-}" ] && [ "$COWORK_TOKEN_SRC" != "$TOKEN" ]; then
+  [ -s "$COWORK_TOKEN_SRC" ] || die "token source is missing or empty: $COWORK_TOKEN_SRC"
+  if ! cmp -s "$COWORK_TOKEN_SRC" "$TOKEN"; then
+    install -m 0600 -o root -g root "$COWORK_TOKEN_SRC" "$TOKEN"
+    changed=1
+  fi
+elif [ ! -s "$TOKEN" ]; then
+  case "${COWORK_GENERATE_TOKEN:-0}" in
+  1 | true | yes)
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$TOKEN")
+    log "generated a token in $TOKEN"
+    changed=1
+    ;;
+  *) die "no token at $TOKEN: create the VM with 'coworkctl init', or set COWORK_TOKEN_SRC" ;;
+  esac
+fi
+chown root:root "$TOKEN"
+chmod 0600 "$TOKEN"
+
+# --- the unit ----------------------------------------------------------------
+args=(--listen "unix:$SOCKET")
+case "$VSOCK" in
+1 | true | yes) args+=(--listen "vsock:$VSOCK_PORT") ;;
+auto)
+  # virtio device id 19 (0x0013) = virtio-vsock (vz, vhost-vsock, vhost-user-vsock)
+  if grep -qsx 0x0013 /sys/bus/virtio/devices/*/device; then
+    args+=(--listen "vsock:$VSOCK_PORT")
+  fi
+  ;;
+esac
+args+=(--token-file "$TOKEN" --root "$ROOT" --log-format json)
+group=${COWORK_SOCKET_GROUP:-}
+if [ -z "$group" ] && [ -n "$SOCKET_USER" ]; then
+  group=$(id -gn "$SOCKET_USER") || die "socket user $SOCKET_USER does not exist"
+fi
+[ -n "$group" ] && args+=(--socket-group "$group")
+run_as=${COWORK_RUN_AS-$SOCKET_USER}
+if [ -n "$run_as" ] && [ "$run_as" != root ]; then
+  id -u "$run_as" >/dev/null 2>&1 || die "run-as user $run_as does not exist"
+  args+=(--run-as "$run_as")
+fi
+# shellcheck disable=SC2206 # word splitting is the interface of COWORK_AGENT_ARGS
+[ -n "${COWORK_AGENT_ARGS:-}" ] && args+=(${COWORK_AGENT_ARGS})
+install -d -m 0755 "$ROOT"
+
+claude_env=""
+if [ -x "$PREFIX/claude/node_modules/.bin/claude" ]; then
+  claude_env="Environment=COWORK_CLAUDE_BIN=$PREFIX/claude/node_modules/.bin/claude
+"
+fi
+exec_start="$VENV/bin/cowork-agent"
+for a in "${args[@]}"; do
+  case "$a" in *[[:space:]\"\\\$%]*) die "unsupported character in agent argument: $a" ;; esac
+  exec_start+=" $a"
+done
+unit_text="[Unit]
+Description=cowork guest agent (gRPC: processes, files, Claude Code)
+After=network.target local-fs.target
+RequiresMountsFor=$ROOT
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+ExecStart=$exec_start
+Restart=on-failure
+RestartSec=2
+RuntimeDirectory=cowork
+RuntimeDirectoryMode=0755
+Environment=HOME=/root
+Environment=DISABLE_AUTOUPDATER=1
+${claude_env}
+[Install]
+WantedBy=multi-user.target
+"
+if [ "$(cat "$UNIT" 2>/dev/null || true)" != "$unit_text" ]; then
+  printf '%s' "$unit_text" >"$UNIT.tmp"
+  chmod 0644 "$UNIT.tmp"
+  mv -f "$UNIT.tmp" "$UNIT"
+  changed=1
+  log "wrote $UNIT"
+fi
+
+# --- start ---------------------------------------------------------------------
+start=${COWORK_START:-auto}
+if [ "$start" = auto ]; then
+  if [ -d /run/systemd/system ]; then start=1; else start=0; fi
+fi
+case "$start" in 1 | true | yes) ;; *)
+  mkdir -p /etc/systemd/system/multi-user.target.wants
+  ln -sfn "$UNIT" /etc/systemd/system/multi-user.target.wants/cowork-agent.service
+  log "installed (not started: no running systemd)"
+  exit 0
+  ;;
+esac
+systemctl daemon-reload
+systemctl enable --quiet cowork-agent.service
+if [ "$changed" = 1 ]; then
+  systemctl restart cowork-agent.service
+else
+  systemctl start cowork-agent.service
+fi
+for _ in $(seq 1 300); do
+  [ -S "$SOCKET" ] && systemctl is-active --quiet cowork-agent.service && break
+  sleep 0.2
+done
+if ! [ -S "$SOCKET" ]; then
+  systemctl --no-pager status cowork-agent.service >&2 || true
+  journalctl --no-pager -u cowork-agent.service -n 20 >&2 || true
+  die "cowork-agent.service did not create $SOCKET within 60 s"
+fi
+log "cowork-agent $("$VENV/bin/cowork-agent" --version | awk '{print $2}') running: ${args[*]}"
