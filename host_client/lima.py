@@ -11,9 +11,9 @@ health checks (in the CLI) load the client.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -105,18 +105,25 @@ def run_limactl(
     *,
     timeout: float | None = 120,
     progress: Progress | None = None,
+    input: str | None = None,
 ) -> str:
     """Run `limactl --log-format json --tty=false ARGS`; return stdout.
 
     With `progress`, stderr log lines are passed on as they come (info messages).
-    A non-zero exit raises LimaError with limactl's own message.
+    `input` is written to its stdin. A non-zero exit raises LimaError with
+    limactl's own message.
     """
     argv = [limactl_path(), "--log-format", "json", "--tty=false", *args]
     what = f"limactl {' '.join(args[:1])}"
     try:
-        if progress is None:
+        if progress is None or input is not None:
             proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
             )
             out, err, code = proc.stdout, proc.stderr, proc.returncode
         else:
@@ -286,8 +293,9 @@ def is_cowork_instance(name: str) -> bool:
     return lima_token(name).is_file()
 
 
-def create(name: str, template: Path, progress: Progress | None = None) -> None:
-    run_limactl(["create", f"--name={name}", str(template)], timeout=600, progress=progress)
+def create(name: str, template: str) -> None:
+    """`limactl create` from template text on stdin (it never lands in a file of ours)."""
+    run_limactl(["create", f"--name={name}", "-"], timeout=600, input=template)
 
 
 def start(name: str, progress: Progress | None = None, timeout: str = START_TIMEOUT) -> None:
@@ -344,6 +352,9 @@ class InitOptions:
     disk_gib: float = DEFAULT_DISK_GIB
     ubuntu: str = DEFAULT_UBUNTU
     workspace: Path = field(default_factory=defaults.local_workspace)
+    # A local path or URL of a disk image to use instead of Lima's Ubuntu list
+    # (pre-downloaded images, offline machines, tests): $COWORK_LIMA_IMAGE.
+    image: str | None = field(default_factory=lambda: os.environ.get("COWORK_LIMA_IMAGE") or None)
 
     def validate(self) -> None:
         check_name(self.name)
@@ -355,6 +366,12 @@ class InitOptions:
             raise LimaError("--memory must be at least 1 GiB")
         if self.disk_gib < 5:
             raise LimaError("--disk must be at least 5 GiB")
+
+
+def lima_arch() -> str:
+    """This host's architecture in Lima's words (x86_64, aarch64, ...)."""
+    machine = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
 
 
 def _gib(value: float) -> str:
@@ -379,17 +396,14 @@ _Dumper.add_representer(_Literal, _literal_representer)
 def render_template(
     opts: InitOptions,
     *,
-    wheel: Path | None = None,
     token: str | None = None,
     lima_dir: Path | None = None,
 ) -> str:
     """lima/cowork.yaml with the init options applied, as YAML text.
 
     Relative `file:` references become absolute (the result can live anywhere).
-    With `wheel`, the wheel travels as base64 text in a `data` provision (Lima
-    expands {{ }} in data content, which binary could contain; base64 cannot)
-    and param CoworkWheel points at it. With `token`, a `data` provision writes
-    it to /etc/cowork/token, root:root 0600.
+    With `token`, a `data` provision writes it to /etc/cowork/token, root:root
+    0600. (The wheel does not go into the template: see dist_dir().)
     """
     opts.validate()
     lima_dir = lima_dir or template_dir()
@@ -402,6 +416,8 @@ def render_template(
         else b
         for b in doc.get("base") or []
     ]
+    if opts.image:
+        doc["images"] = [{"location": opts.image, "arch": lima_arch()}]
     doc["cpus"] = opts.cpus
     doc["memory"] = _gib(opts.memory_gib)
     doc["disk"] = _gib(opts.disk_gib)
@@ -419,18 +435,6 @@ def render_template(
         if isinstance(entry.get("content"), str) and "\n" in entry["content"]:
             entry["content"] = _Literal(entry["content"])
     data: list[dict[str, Any]] = []
-    if wheel is not None:
-        guest_path = f"{GUEST_DIST_DIR}/{wheel.name}.b64"
-        encoded = base64.encodebytes(wheel.read_bytes()).decode()
-        data.append(
-            {
-                "mode": "data",
-                "path": guest_path,
-                "permissions": "0644",
-                "content": _Literal(encoded),
-            }
-        )
-        doc.setdefault("param", {})["CoworkWheel"] = guest_path
     if token is not None:
         data.append(
             {
@@ -438,7 +442,10 @@ def render_template(
                 "path": defaults.GUEST_TOKEN_FILE,
                 "owner": "root:root",
                 "permissions": "0600",
-                "content": token + "\n",
+                # Literal block: Lima reformats lima.yaml with yamlfmt, whose
+                # blank-line placeholder ("#magic___^_^___line") would end up
+                # inside a quoted multi-line scalar and so in the token.
+                "content": _Literal(token + "\n"),
             }
         )
     doc["provision"] = data + provision
@@ -447,6 +454,39 @@ def render_template(
 
 
 # -- the wheel ------------------------------------------------------------------------
+def dist_dir(name: str) -> Path:
+    """Host side of the read-only /opt/cowork/dist mount: {{.Dir}}/cowork-dist.
+
+    Why not inside the template: a `data` provision's content lands in the
+    instance's config, and `limactl list --json` then fails on the >64 KiB line
+    ("bufio.Scanner: token too long"); Lima also runs data content through Go
+    templating. `limactl copy` needs a running VM, but `limactl start` waits for
+    the agent's probe, which needs the wheel first.
+    """
+    return defaults.lima_home() / name / "cowork-dist"
+
+
+def _own_like_parent(path: Path) -> None:
+    """As root, hand what we add to an instance dir to the dir's owner (who runs limactl)."""
+    if os.geteuid() == 0:
+        st = path.parent.stat()
+        os.chown(path, st.st_uid, st.st_gid)
+
+
+def install_wheel(name: str, wheel: Path) -> Path:
+    """Put `wheel` (alone) into the VM's dist dir; the guest installs it at boot."""
+    d = dist_dir(name)
+    d.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _own_like_parent(d)
+    for old in d.glob("*.whl"):
+        old.unlink()
+    dest = d / wheel.name
+    shutil.copyfile(wheel, dest)
+    dest.chmod(0o644)
+    _own_like_parent(dest)
+    return dest
+
+
 def source_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
@@ -510,6 +550,7 @@ def write_token(path: Path, token: str) -> None:
     finally:
         os.close(fd)
     os.chmod(tmp, 0o600)
+    _own_like_parent(tmp)
     os.replace(tmp, path)
 
 
@@ -524,8 +565,8 @@ def init_vm(
     """Create (if needed) and start the cowork VM. Idempotent.
 
     A new VM gets a fresh token (host: the Lima instance dir, 0600; guest:
-    /etc/cowork/token via a data provision) and the agent wheel (built from
-    this checkout unless `wheel` is given). An existing VM is only started.
+    /etc/cowork/token via a data provision) and the agent wheel in its
+    dist_dir() (built from this checkout unless `wheel` is given). An existing VM is only started.
     The caller waits for the agent's health.
     """
     opts.validate()
@@ -536,30 +577,28 @@ def init_vm(
         workspace = opts.workspace.expanduser()
         workspace.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="cowork-init-") as tmp:
-            tmpdir = Path(tmp)
-            tmpdir.chmod(0o700)
             if wheel is None:
                 say("building the agent wheel")
-                wheel = build_wheel(tmpdir / "build")
+                wheel = build_wheel(Path(tmp))
             elif not wheel.is_file():
                 raise LimaError(f"wheel not found: {wheel}")
             token = generate_token()
-            rendered = tmpdir / f"{opts.name}.yaml"
-            fd = os.open(rendered, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(render_template(opts, wheel=wheel, token=token))
+            rendered = render_template(opts, token=token)
             say(f"creating Lima VM {opts.name!r} (Ubuntu {opts.ubuntu})")
             try:
-                create(opts.name, rendered, progress=progress)
-            except LimaError:
+                create(opts.name, rendered)
+                install_wheel(opts.name, wheel)
+            except (LimaError, OSError) as exc:
                 # limactl may leave a half-made instance behind: remove it.
                 if get_instance(opts.name) is not None:
                     try:
                         delete(opts.name, force=True)
                     except LimaError:
                         pass
+                if isinstance(exc, OSError):
+                    raise LimaError(f"cannot deliver the agent wheel: {exc}") from None
                 raise
-            write_token(lima_token(opts.name), token)
+        write_token(lima_token(opts.name), token)
         inst = require_instance(opts.name)
     elif not is_cowork_instance(opts.name):
         raise LimaError(

@@ -364,12 +364,13 @@ def _doctor(name: str, token_file: str | None, fix: bool) -> list[Check]:
             "" if inst.running else f"coworkctl start --name {name}",
         )
     )
-    extra = [m for m in inst.mounts if m[1] != defaults.GUEST_WORKSPACE]
+    expected = (defaults.GUEST_WORKSPACE, lima.GUEST_DIST_DIR)
+    extra = [m for m in inst.mounts if m[1] not in expected]
     checks.append(
         Check(
             "mounts",
             not extra,
-            "only the workspace is shared"
+            "only the workspace (and the read-only agent wheel dir) is shared"
             if not extra
             else "extra mounts: " + ", ".join(f"{loc} -> {mp or loc}" for loc, mp, _ in extra),
             ""

@@ -8,10 +8,12 @@
 # Interface: environment variables, all optional; /etc/cowork/agent.env (KEY=VALUE
 # lines) supplies defaults for unset ones (under Lima a `data` provision of
 # lima/cowork.yaml writes that file, with the Lima user and the params).
-#   COWORK_WHEEL=PATH          the project wheel: a .whl, a .whl.b64 (base64 text,
-#                              as Lima's data provisions deliver it), or a directory
-#                              holding them (newest wins). Default: /opt/cowork/dist
-#                              (where coworkctl init's data provision puts it).
+#   COWORK_WHEEL=PATH          the project wheel (.whl), or a directory holding one
+#                              (newest wins). Default: /opt/cowork/dist (under Lima
+#                              a read-only mount of the instance's cowork-dist dir,
+#                              where coworkctl init puts the wheel).
+#   COWORK_WHEEL_WAIT=120      seconds to wait for a wheel to appear in that
+#                              directory (a reverse-sshfs mount arrives late).
 #   COWORK_WHEELHOUSE=DIR      install dependencies offline, only from DIR
 #                              (pip --no-index --find-links DIR). Default: PyPI.
 #   COWORK_TOKEN_SRC=PATH      file holding the token; installed as /etc/cowork/token
@@ -76,23 +78,17 @@ case "${COWORK_INSTALL_CLAUDE:-0}" in 1 | true | yes) COWORK_INSTALL_CLAUDE=1 ba
 # --- the wheel --------------------------------------------------------------
 wheel=${COWORK_WHEEL:-$PREFIX/dist}
 if [ -d "$wheel" ]; then
-  # shellcheck disable=SC2012 # wheel names are plain
-  found=$(ls -t "$wheel"/*.whl "$wheel"/*.whl.b64 2>/dev/null | head -n1 || true)
+  found=""
+  for _ in $(seq 1 "${COWORK_WHEEL_WAIT:-120}"); do
+    # shellcheck disable=SC2012 # wheel names are plain
+    found=$(ls -t "$wheel"/*.whl 2>/dev/null | head -n1 || true)
+    [ -n "$found" ] && break
+    sleep 1
+  done
   [ -n "$found" ] || die "no agent wheel in $wheel: create the VM with 'coworkctl init' (it delivers the wheel), or set COWORK_WHEEL"
   wheel=$found
 fi
 [ -f "$wheel" ] || die "agent wheel not found: $wheel"
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-case "$wheel" in
-*.whl.b64)
-  name=$(basename "$wheel" .b64)
-  base64 -d "$wheel" >"$work/$name" || die "cannot decode $wheel"
-  wheel=$work/$name
-  ;;
-*.whl) ;;
-*) die "not a wheel: $wheel" ;;
-esac
 
 # --- the venv ----------------------------------------------------------------
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||

@@ -1,0 +1,130 @@
+"""lima/cowork.yaml, as written and as `coworkctl init` renders it, checked by the real limactl."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cowork import defaults
+from host_client import lima
+
+from .conftest import REPO, LimaEnv
+
+LIMA_DIR = REPO / "lima"
+SIZES = [(lima.DEFAULT_CPUS, lima.DEFAULT_MEMORY_GIB, lima.DEFAULT_DISK_GIB), (1, 1.5, 20.0)]
+COMBOS = list(itertools.product(lima.UBUNTU_RELEASES, SIZES, ["default", "custom"], [False, True]))
+
+
+def _write(env: LimaEnv, name: str, text: str) -> Path:
+    path = env.home.parent / f"{name}.yaml"
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def _validate(env: LimaEnv, path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return env.run_limactl("--tty=false", "validate", *extra, str(path))
+
+
+def test_the_template_as_written_validates(lima_env: LimaEnv) -> None:
+    proc = _validate(lima_env, LIMA_DIR / "cowork.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stderr
+    assert "LIMA_CIDATA" not in proc.stderr  # no warnings about Lima internals
+
+
+@pytest.mark.parametrize(("ubuntu", "sizes", "workspace", "with_payload"), COMBOS)
+def test_every_init_option_combination_renders_a_valid_template(
+    lima_env: LimaEnv,
+    ubuntu: str,
+    sizes: tuple[int, float, float],
+    workspace: str,
+    with_payload: bool,
+) -> None:
+    cpus, memory, disk = sizes
+    ws = Path(lima_env.env["COWORK_WORKSPACE"]) if workspace == "custom" else Path.home()
+    opts = lima.InitOptions(
+        name="combo", cpus=cpus, memory_gib=memory, disk_gib=disk, ubuntu=ubuntu, workspace=ws
+    )
+    text = lima.render_template(opts, token=lima.generate_token() if with_payload else None)
+    proc = _validate(lima_env, _write(lima_env, "combo", text))
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(text)
+    assert doc["base"] == [f"template:_images/ubuntu-{ubuntu}"]
+    assert (doc["cpus"], doc["memory"], doc["disk"]) == (cpus, f"{memory:g}GiB", f"{disk:g}GiB")
+    assert doc["mounts"][0]["location"] == str(ws.resolve())
+
+
+def test_only_the_workspace_is_writable_and_the_wheel_dir_read_only(lima_env: LimaEnv) -> None:
+    ws = Path(lima_env.env["COWORK_WORKSPACE"])
+    text = lima.render_template(lima.InitOptions(name="fill", workspace=ws))
+    proc = _validate(lima_env, _write(lima_env, "fill", text), "--fill")
+    assert proc.returncode == 0, proc.stderr
+    filled = yaml.safe_load(proc.stdout)
+    assert [(m["location"], m["mountPoint"], m["writable"]) for m in filled["mounts"]] == [
+        (str(ws), defaults.GUEST_WORKSPACE, True),
+        (str(lima_env.home / "cowork-dist"), lima.GUEST_DIST_DIR, False),  # {{.Dir}}: see above
+    ]
+
+
+def test_the_agent_socket_is_forwarded_into_the_instance_sock_dir(lima_env: LimaEnv) -> None:
+    text = lima.render_template(lima.InitOptions(name="sock"))
+    proc = _validate(lima_env, _write(lima_env, "sock", text), "--fill")
+    assert proc.returncode == 0, proc.stderr
+    rules = yaml.safe_load(proc.stdout)["portForwards"]
+    [rule] = [r for r in rules if r.get("guestSocket")]
+    assert rule["guestSocket"] == defaults.GUEST_SOCKET
+    # validate fills {{.Dir}} with LIMA_HOME; a created instance's is checked in test_lifecycle.
+    assert rule["hostSocket"].endswith(f"/sock/{defaults.LIMA_HOST_SOCKET_NAME}")
+
+
+def test_no_guest_port_is_forwarded_to_the_host(lima_env: LimaEnv) -> None:
+    text = lima.render_template(lima.InitOptions(name="ports"))
+    proc = _validate(lima_env, _write(lima_env, "ports", text), "--fill")
+    assert proc.returncode == 0, proc.stderr
+    port_rules = [
+        r for r in yaml.safe_load(proc.stdout)["portForwards"] if not r.get("guestSocket")
+    ]
+    assert port_rules[0]["ignore"] is True
+    assert port_rules[0]["guestIP"] == "0.0.0.0"
+    assert port_rules[0]["guestPortRange"] == [1, 65535]
+
+
+def test_the_token_reaches_the_guest_root_only() -> None:
+    token = lima.generate_token()
+    doc = yaml.safe_load(lima.render_template(lima.InitOptions(name="t"), token=token))
+    [entry] = [p for p in doc["provision"] if p.get("path") == defaults.GUEST_TOKEN_FILE]
+    assert entry == {
+        "mode": "data",
+        "path": defaults.GUEST_TOKEN_FILE,
+        "owner": "root:root",
+        "permissions": "0600",
+        "content": token + "\n",
+    }
+
+
+def test_data_provisions_come_before_the_scripts() -> None:
+    doc = yaml.safe_load(
+        lima.render_template(lima.InitOptions(name="o"), token=lima.generate_token())
+    )
+    modes = [p["mode"] for p in doc["provision"]]
+    assert modes == sorted(modes, key=lambda m: m != "data")
+
+
+def test_every_referenced_script_exists_and_passes_shellcheck() -> None:
+    doc = yaml.safe_load((LIMA_DIR / "cowork.yaml").read_text())
+    files = [LIMA_DIR / p["file"] for p in doc["provision"] if "file" in p]
+    assert [f.name for f in files] == ["base.sh", "claude.sh", "agent.sh"]
+    proc = subprocess.run(["shellcheck", "-x", *map(str, files)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_bad_init_options_are_refused_before_limactl_runs() -> None:
+    with pytest.raises(lima.LimaError, match=r"--ubuntu must be one of 22\.04, 24\.04"):
+        lima.render_template(lima.InitOptions(name="x", ubuntu="20.04"))
+    with pytest.raises(lima.LimaError, match="bad VM name"):
+        lima.render_template(lima.InitOptions(name="no/slash"))
