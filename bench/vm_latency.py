@@ -45,12 +45,31 @@ def _time(fn: Callable[[], object], n: int) -> list[float]:
     return out
 
 
-def _client_numbers(target: str, token_file: str, n: int) -> dict[str, Any]:
-    with CoworkClient(target, token_file) as c:
-        return {
-            "info": _pcts(_time(c.info, n)),
-            "exec_true": _pcts(_time(lambda: c.run(["/bin/true"]), n)),
+def _interleaved(targets: dict[str, str], token_file: str, n: int) -> dict[str, Any]:
+    """p50/p99 per target, calls interleaved round-robin so machine noise hits all alike."""
+    clients = {k: CoworkClient(t, token_file) for k, t in targets.items()}
+    try:
+        res: dict[str, Any] = {k: {} for k in clients}
+        ops: dict[str, Callable[[CoworkClient], object]] = {
+            "info": lambda c: c.info(),
+            "exec_true": lambda c: c.run(["/bin/true"]),
         }
+        for op, fn in ops.items():
+            samples: dict[str, list[float]] = {k: [] for k in clients}
+            for c in clients.values():
+                for _ in range(max(3, n // 20)):
+                    fn(c)
+            for _ in range(n):
+                for k, c in clients.items():
+                    t0 = time.perf_counter()
+                    fn(c)
+                    samples[k].append((time.perf_counter() - t0) * 1000)
+            for k in clients:
+                res[k][op] = _pcts(samples[k])
+        return res
+    finally:
+        for c in clients.values():
+            c.close()
 
 
 def _throughput(path: str, mib: int) -> float:
@@ -125,11 +144,15 @@ def relay_overhead(n: int = 300, mib: int = 1024) -> dict[str, Any]:
     hv = FakeHybridVsock({7070: guest.path})
     tok = str(agent.token_file)
     try:
-        res: dict[str, Any] = {
-            "direct_unix": _client_numbers(agent.target, tok, n),
-            "agent_relay": _client_numbers(f"unix:{guest.path}", tok, n),
-            "full_chain_hvsock": _client_numbers(hv.target(7070), tok, n),
-        }
+        res = _interleaved(
+            {
+                "direct_unix": agent.target,
+                "agent_relay": f"unix:{guest.path}",
+                "full_chain_hvsock": hv.target(7070),
+            },
+            tok,
+            n,
+        )
         for key in ("info", "exec_true"):
             base = res["direct_unix"][key]["p50_ms"]
             res[f"added_p50_ms_{key}"] = {

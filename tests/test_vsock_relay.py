@@ -442,3 +442,30 @@ def test_grpc_channel_to_dead_relay_target_is_unavailable_quickly(tmp_path: Path
             c.info()
         assert time.monotonic() - t0 < 10
     assert grpc  # imported for the channel types used by the client
+
+
+def _local_cid() -> int | None:
+    import fcntl
+    import struct
+
+    try:
+        with open("/dev/vsock", "rb") as f:
+            out = fcntl.ioctl(f, 0x7B9, b"\0" * 4)  # IOCTL_VM_SOCKETS_GET_LOCAL_CID
+    except OSError:
+        return None
+    return int(struct.unpack("I", out)[0])
+
+
+def test_dial_vsock_errors_name_cid_and_port() -> None:
+    """AF_VSOCK dial failures are one clear line. (A successful AF_VSOCK dial needs a VM
+    with kernel vhost-vsock; this host has none, the VM tier uses hvsock.)"""
+    cid = _local_cid()
+    if cid is None or not _has_af_vsock():
+        with pytest.raises(RelayError, match="AF_VSOCK"):
+            dial(parse(f"vsock:3:{PORT}"), timeout=2)
+        return
+    # Our own CID without a loopback transport: refused locally, nothing leaves this host.
+    with pytest.raises(RelayError) as ei:
+        dial(parse(f"vsock:{cid}:{PORT}"), timeout=2)
+    msg = str(ei.value)
+    assert f"CID {cid}" in msg and f"port {PORT}" in msg
