@@ -292,7 +292,9 @@ class RelayListener:
                 raise
             if not self.peer_ok(addr):
                 self.refused += 1
-                log.warning("vsock %s: refused connection from %s (CID not allowed)", self.name, addr)
+                log.warning(
+                    "vsock %s: refused connection from %s (CID not allowed)", self.name, addr
+                )
                 conn.close()
                 continue
             self.accepted += 1
@@ -307,7 +309,9 @@ class RelayListener:
         try:
             up = connect_upstream(self.upstream)
         except OSError as exc:
-            log.error("vsock %s: cannot reach the gRPC server at %s: %s", self.name, self.upstream, exc)
+            log.error(
+                "vsock %s: cannot reach the gRPC server at %s: %s", self.name, self.upstream, exc
+            )
             conn.close()
             return
         sp = Splice(conn, up, name=f"{addr}", on_done=self._done)

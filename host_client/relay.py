@@ -73,14 +73,14 @@ def _dial_hvsock(path: str, port: int, timeout: float) -> socket.socket:
             raise RelayError(
                 f"{where}: nothing accepts on {path} (VM or vsock backend stopped?)"
             ) from None
-        except socket.timeout:
+        except TimeoutError:
             raise RelayError(f"{where}: timed out connecting to {path}") from None
         except OSError as exc:
             raise RelayError(f"{where}: cannot connect to {path}: {exc.strerror or exc}") from None
         try:
             s.sendall(f"CONNECT {port}\n".encode())
             reply = _read_line(s)
-        except socket.timeout:
+        except TimeoutError:
             raise RelayError(
                 f"{where}: no reply to 'CONNECT {port}' within {timeout:g}s "
                 "(guest not booted or too slow?)"
@@ -132,7 +132,7 @@ def _dial_vsock(cid: int, port: int, timeout: float) -> socket.socket:
         s.settimeout(timeout)
         try:
             s.connect((cid, port))
-        except socket.timeout:
+        except TimeoutError:
             raise RelayError(f"{where}: timed out connecting") from None
         except ConnectionResetError:
             raise RelayError(
