@@ -10,7 +10,7 @@ TOOLS := .tools
 PROTO_SRC := $(wildcard proto/cowork/agent/v1/*.proto)
 GEN_DIR := cowork/agent/v1
 
-.PHONY: setup tools proto proto-check lint test test-unit e2e bench bench-quick run clean
+.PHONY: setup tools proto proto-check lint test test-local e2e bench bench-quick run clean
 
 setup: $(VENV)/.stamp tools
 
@@ -38,7 +38,11 @@ lint: $(VENV)/.stamp
 	$(BIN)/mypy
 	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations --exclude-regex 'cowork/agent/v1/.*' host_client guest_agent
 
-test: setup proto-check lint
+# Every tier: local (agent subprocess, real CLI, real sshd, real limactl), then
+# the VM tier (a real Debian guest under QEMU reached over virtio-vsock).
+test: test-local e2e
+
+test-local: setup proto-check lint
 	$(BIN)/pytest -q -m "not vm"
 
 e2e: setup
