@@ -94,6 +94,7 @@ def start_agent(
         sys.executable,
         "-m",
         "guest_agent",
+        "--allow-root",  # bench runs as root on CI machines
         "--listen",
         f"unix:{d}/agent.sock",
         "--token-file",

@@ -207,6 +207,7 @@ class Agent:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # bench runs as root on CI machines
             "--listen",
             self.target,
             "--token-file",

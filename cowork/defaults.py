@@ -12,7 +12,7 @@ from pathlib import Path
 
 AGENT_VERSION = "0.1.0"
 # Bumped on every additive change to proto/ (see agent.proto).
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Auth: `authorization: Bearer <token>` on every RPC.
 AUTH_METADATA_KEY = "authorization"
@@ -24,6 +24,8 @@ GUEST_WORKSPACE = "/workspace"
 GUEST_STATE_DIR = "/run/cowork"
 GUEST_SOCKET = "/run/cowork/agent.sock"
 GUEST_TOKEN_FILE = "/etc/cowork/token"
+GUEST_POLICY_FILE = "/etc/cowork/policy.yaml"
+GUEST_EGRESS_LOG = "/var/log/cowork/egress.jsonl"
 GUEST_INSTALL_DIR = "/opt/cowork"
 VSOCK_PORT = 7070
 

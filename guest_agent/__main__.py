@@ -8,7 +8,12 @@ import os
 import stat
 import sys
 
-from cowork.defaults import AGENT_VERSION, GUEST_WORKSPACE, KILL_GRACE_SECONDS
+from cowork.defaults import (
+    AGENT_VERSION,
+    GUEST_POLICY_FILE,
+    GUEST_WORKSPACE,
+    KILL_GRACE_SECONDS,
+)
 
 EPILOG = """\
 listen addresses (repeatable):
@@ -81,7 +86,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="Claude Code CLI to run (default: $COWORK_CLAUDE_BIN, then PATH)",
     )
     p.add_argument(
-        "--run-as", metavar="USER", help="run Claude Code as this user when the agent is root"
+        "--run-as",
+        metavar="USER",
+        help="run every process and Claude Code as this unprivileged user (agent must be root)",
+    )
+    p.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="let processes run as root when the agent is root and no --run-as is given "
+        "(otherwise the agent refuses to start as root without --run-as)",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="PATH",
+        help=f"sandbox policy YAML (default {GUEST_POLICY_FILE} when it exists; "
+        "Policy.Set writes it)",
+    )
+    p.add_argument(
+        "--sandbox",
+        choices=["none", "bwrap"],
+        default="none",
+        help="sandbox when the policy file sets none (default none; lima provisioning "
+        "writes a policy with bwrap)",
+    )
+    p.add_argument(
+        "--egress-log", metavar="PATH", help="append the egress proxy's log here (JSON lines)"
+    )
+    p.add_argument(
+        "--egress-resolve",
+        action="append",
+        default=[],
+        metavar="NAME=ADDR",
+        help="make the egress proxy dial ADDR for host NAME, after the policy allowed NAME "
+        "(repeatable; for tests and split-horizon setups, like curl --resolve)",
     )
     # --- vsock peers (issue 4, guest_agent/vsock.py) ---
     p.add_argument(
@@ -118,12 +155,34 @@ def read_token(path: str) -> bytes:
     return token
 
 
+def parse_resolve(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, addr = item.partition("=")
+        if not sep or not name or not addr:
+            raise SystemExit(f"cowork-agent: --egress-resolve wants NAME=ADDR, not {item!r}")
+        out[name.strip().lower().rstrip(".")] = addr.strip()
+    return out
+
+
+def secret_paths(args: argparse.Namespace) -> list[str]:
+    """Directories (or files) the sandbox must hide: where the agent keeps what is its own."""
+    out = [os.path.abspath(args.token_file)]
+    for a in args.listen:
+        if a.startswith("unix:"):
+            out.append(os.path.dirname(os.path.abspath(a[5:])))
+    for f in (args.log_file, args.egress_log, args.policy):
+        if f:
+            out.append(os.path.abspath(f))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from . import logs
     from .config import AgentConfig
     from .listeners import ListenError
-    from .server import AgentServer
+    from .server import AgentServer, StartError
 
     logs.setup(args.log_format, args.log_level, args.log_file)
     if args.kill_grace < 0:
@@ -145,6 +204,13 @@ def main(argv: list[str] | None = None) -> None:
         run_as=args.run_as,
         # vsock peers (issue 4): None = any CID
         vsock_peer_cids=None if args.vsock_any_peer else (args.vsock_peer_cid or [2]),
+        allow_root=args.allow_root,
+        policy_file=args.policy
+        or (GUEST_POLICY_FILE if os.path.exists(GUEST_POLICY_FILE) else None),
+        default_sandbox=args.sandbox,
+        egress_log_file=args.egress_log,
+        egress_resolve=parse_resolve(args.egress_resolve),
+        secret_paths=secret_paths(args),
     )
 
     async def serve() -> None:
@@ -153,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         asyncio.run(serve())
+    except StartError as exc:
+        print(f"cowork-agent: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ListenError as exc:
         print(f"cowork-agent: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

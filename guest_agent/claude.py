@@ -55,6 +55,7 @@ from .info import AgentService
 from .paths import PathPolicy
 from .process import Spawned, base_environment, pump, write_all
 from .rpc import Context, audit
+from .sandbox import Launch, RunUser, Sandbox, lookup_user
 
 # Limits on what one event may carry (a gRPC message is capped at ~4 MiB).
 TOOL_RESULT_LIMIT = 64 * 1024
@@ -86,33 +87,9 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # -- who runs it, and which binary --------------------------------------------------
-@dataclass(frozen=True)
-class RunUser:
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-
-    @property
-    def is_self(self) -> bool:
-        return self.uid == os.geteuid()
-
-
 def run_user(run_as: str | None) -> RunUser:
     """The account Claude runs as: `run_as` (name or uid) or the agent's own user."""
-    try:
-        if run_as:
-            entry = pwd.getpwuid(int(run_as)) if run_as.isdigit() else pwd.getpwnam(run_as)
-        else:
-            entry = pwd.getpwuid(os.geteuid())
-    except KeyError:
-        raise AgentError(
-            grpc.StatusCode.FAILED_PRECONDITION, f"--run-as user does not exist: {run_as}"
-        ) from None
-    return RunUser(
-        entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell or "/bin/sh"
-    )
+    return lookup_user(run_as)
 
 
 def find_claude(claude_bin: str | None, user: RunUser | None = None) -> str | None:
@@ -480,7 +457,13 @@ def _setpriv() -> str:
     return found
 
 
-def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tuple[Spawned, int]:
+def _spawn(
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    user: RunUser,
+    sandbox: Sandbox | None = None,
+) -> tuple[Spawned, int]:
     """Start the CLI in a new session; return it and the write end of its stdin.
 
     Another user is switched to by exec'ing util-linux `setpriv`, not with
@@ -489,7 +472,11 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
     before exec in about one run in five. setpriv execs the CLI in place, so
     the pid we hold is the CLI's.
     """
-    if not user.is_self:
+    launch: Launch | None = None
+    if sandbox is not None:  # the sandbox switches user itself (and boxes it, per policy)
+        launch = sandbox.launch(argv, env, cwd, pty=False)
+        argv, env = launch.argv, launch.env
+    elif not user.is_self:
         argv = [
             _setpriv(),
             f"--reuid={user.uid}",
@@ -511,10 +498,13 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
             env=env,
             start_new_session=True,
             close_fds=True,
+            pass_fds=launch.pass_fds if launch is not None else (),
         )
     except BaseException as exc:
         for fd in (r_out, r_err, w_in):
             os.close(fd)
+        if launch is not None:
+            launch.close_parent_fds()
         if isinstance(exc, FileNotFoundError):
             raise not_found(f"claude not found: {argv[0]}") from None
         if isinstance(exc, PermissionError):
@@ -525,6 +515,8 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
     finally:
         for fd in (w_out, w_err, r_in):
             os.close(fd)
+        if launch is not None:
+            launch.close_child_fds()
     for fd in (r_out, r_err, w_in):
         os.set_blocking(fd, False)
     sp = Spawned(
@@ -533,6 +525,7 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str], user: RunUser) -> tup
         stdin_fd=None,
         out_fds=[("stdout", r_out), ("stderr", r_err)],
         pty_master=None,
+        launch=launch,
     )
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
@@ -559,17 +552,25 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         cfg: AgentConfig,
         paths: PathPolicy,
         interrupt_grace: float = INTERRUPT_GRACE_SECONDS,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.cfg = cfg
         self.paths = paths
+        self.sandbox = sandbox
         self.kill_grace = cfg.kill_grace or KILL_GRACE_SECONDS
         self.interrupt_grace = interrupt_grace
         self._version_cache: dict[tuple[str, float], str] = {}
 
+    def _user(self) -> RunUser:
+        """The sandbox's identity when there is one (the agent's), else --run-as."""
+        if self.sandbox is not None:
+            return self.sandbox.identity.user
+        return run_user(self.cfg.run_as)
+
     # -- Version ---------------------------------------------------------------------
     async def version(self) -> pb.ClaudeVersionResponse:
         try:
-            user = run_user(self.cfg.run_as)
+            user = self._user()
         except AgentError as exc:
             return pb.ClaudeVersionResponse(installed=False, error=exc.message)
         exe = find_claude(self.cfg.claude_bin, user)
@@ -665,7 +666,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
     async def Ask(self, request: pb.AskRequest, context: Context) -> AsyncIterator[pb.AskEvent]:
         if not request.prompt and not (request.resume or request.continue_session):
             raise invalid("prompt is empty")
-        user = run_user(self.cfg.run_as)
+        user = self._user()
         exe = find_claude(self.cfg.claude_bin, user)
         if exe is None:
             raise not_found(f"claude not found ({self.cfg.claude_bin or 'PATH'})")
@@ -682,8 +683,15 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             env_keys=sorted(request.env.keys()),
             timeout_ms=request.timeout_ms,
         )
-        sp, stdin_fd = _spawn(argv, cwd, env, user)
-        audit(pid=sp.pid)
+        sp, stdin_fd = _spawn(argv, cwd, env, user, self.sandbox)
+        try:
+            await sp.activate(self.sandbox)
+        except BaseException:
+            os.close(stdin_fd)
+            await sp.teardown(self.kill_grace)
+            sp.close_fds()
+            raise
+        audit(pid=sp.pid, sandbox=sp.launch is not None and sp.launch.info_r is not None)
         state = _RunState()
         queue: asyncio.Queue[pb.AskEvent | None] = asyncio.Queue(EVENT_QUEUE)
 
@@ -833,10 +841,14 @@ class ClaudeService(pb_grpc.ClaudeServicer):
 
 
 def register(
-    server: grpc.aio.Server, cfg: AgentConfig, paths: PathPolicy, agent: AgentService
+    server: grpc.aio.Server,
+    cfg: AgentConfig,
+    paths: PathPolicy,
+    agent: AgentService,
+    sandbox: Sandbox | None = None,
 ) -> None:
     """Add the Claude service to `server` and tell Agent.Info how to report the CLI."""
-    service = ClaudeService(cfg, paths)
+    service = ClaudeService(cfg, paths, sandbox=sandbox)
     pb_grpc.add_ClaudeServicer_to_server(service, server)
     agent.claude_info = service.info
     if "claude" not in agent.capabilities:

@@ -21,3 +21,13 @@ class AgentConfig:
     # vsock: CIDs allowed to connect (None = any); default the host only (CID 2).
     vsock_peer_cids: list[int] | None = field(default_factory=lambda: [2])
     extra: dict[str, str] = field(default_factory=dict)
+    # The second wall (guest_agent/sandbox.py): processes run as root only with allow_root.
+    allow_root: bool = False
+    policy_file: str | None = None
+    # Built-in policy when policy_file is absent: sandbox none|bwrap.
+    default_sandbox: str = "none"
+    egress_log_file: str | None = None
+    # Host name -> address the egress proxy dials instead of resolving the name.
+    egress_resolve: dict[str, str] = field(default_factory=dict)
+    # Paths the sandbox hides (token file, sockets, logs): filled in by __main__.
+    secret_paths: list[str] = field(default_factory=list)

@@ -26,6 +26,7 @@ from cowork.defaults import FILE_CHUNK, LIST_LIMIT, MAX_FILE_CHUNK
 from .errors import AgentError, denied, from_oserror, invalid, not_found, precondition
 from .paths import PathPolicy
 from .rpc import Context, add_bytes, audit, first_message
+from .sandbox import RunUser
 
 _TMP_PREFIX = ".cowork-tmp-"
 
@@ -61,9 +62,30 @@ async def _io(fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its ancestors that do not exist yet, outermost first."""
+    out: list[str] = []
+    while path and not os.path.lexists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out[::-1]
+
+
 class FilesService(pb_grpc.FilesServicer):
-    def __init__(self, paths: PathPolicy) -> None:
+    """Files RPCs; with an `owner` (the sandbox user), what they create belongs to it."""
+
+    def __init__(self, paths: PathPolicy, owner: RunUser | None = None) -> None:
         self.paths = paths
+        self.owner = owner
+
+    def _own(self, paths: list[str]) -> None:
+        if self.owner is None:
+            return
+        for p in paths:
+            os.lchown(p, self.owner.uid, self.owner.gid)
 
     async def Stat(self, request: pb.StatRequest, context: Context) -> pb.FileInfo:
         path = self.paths.resolve_entry(request.path)
@@ -154,7 +176,9 @@ class FilesService(pb_grpc.FilesServicer):
                         f"parent directory does not exist: {os.path.dirname(header.path) or parent}"
                     )
                 self._check_parents_inside(parent, header.path)
+                created = _missing_dirs(parent)
                 os.makedirs(parent, exist_ok=True)
+                self._own(created)
             existing = _lstat_or_none(target)
             if existing is not None:
                 if statmod.S_ISDIR(existing.st_mode):
@@ -163,6 +187,8 @@ class FilesService(pb_grpc.FilesServicer):
                     raise AgentError(grpc.StatusCode.ALREADY_EXISTS, f"file exists: {header.path}")
             mode = header.mode or (statmod.S_IMODE(existing.st_mode) if existing else 0o644)
             fd, tmp = _open_temp(parent, os.path.basename(target))
+            if self.owner is not None:
+                os.fchown(fd, self.owner.uid, self.owner.gid)
         except OSError as exc:
             raise from_oserror(exc, header.path) from None
         committed = False
@@ -253,6 +279,7 @@ class FilesService(pb_grpc.FilesServicer):
         path = self.paths.resolve_entry(request.path)
         audit(path=path)
         mode = request.mode or 0o755
+        created = _missing_dirs(path)
         try:
             if request.parents:
                 self._check_parents_inside(os.path.dirname(path), request.path)
@@ -265,6 +292,7 @@ class FilesService(pb_grpc.FilesServicer):
                         raise
             if not os.path.isdir(path):
                 raise precondition(f"exists and is not a directory: {request.path}")
+            self._own(created)
             return file_info(path)
         except OSError as exc:
             raise from_oserror(exc, request.path) from None

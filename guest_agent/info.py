@@ -8,6 +8,7 @@ import platform
 import shutil
 import socket
 import time
+from collections.abc import Callable
 
 from cowork.agent.v1 import agent_pb2 as pb
 from cowork.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -59,6 +60,8 @@ class AgentService(pb_grpc.AgentServicer):
         self.started = time.monotonic()
         # Filled by the Claude service when it is registered (a callable returning ClaudeInfo).
         self.claude_info = claude_info
+        # Filled by the server: identity and sandbox facts (field name -> value).
+        self.sandbox_info: Callable[[], dict[str, object]] | None = None
 
     async def Info(self, request: pb.InfoRequest, context: Context) -> pb.InfoResponse:
         total, avail = _meminfo()
@@ -90,6 +93,9 @@ class AgentService(pb_grpc.AgentServicer):
             uptime_seconds=time.monotonic() - self.started,
             listeners=self.listeners,
         )
+        if self.sandbox_info is not None:
+            for key, value in self.sandbox_info().items():
+                setattr(resp, key, value)
         if callable(self.claude_info):
             info = await self.claude_info()
             if info is not None:

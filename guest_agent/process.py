@@ -15,6 +15,7 @@ Design notes (why it looks like this):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
@@ -44,6 +45,7 @@ from cowork.defaults import (
 from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
 from .rpc import Context, add_bytes, audit, first_message
+from .sandbox import Boxed, Launch, Sandbox
 
 _SCRUBBED_ENV_PREFIXES = ("COWORK_",)
 
@@ -105,6 +107,14 @@ class Spawned:
     reaped: bool = False
     _exit_future: asyncio.Future[None] | None = None
     _poller: asyncio.Future[None] | None = None
+    # Sandboxed: what must happen after Popen, and the started box.
+    launch: Launch | None = None
+    box: Boxed | None = None
+
+    async def activate(self, sandbox: Sandbox | None) -> None:
+        """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise."""
+        if sandbox is not None and self.launch is not None:
+            self.box = await sandbox.activate(self.launch, self.pid)
 
     def close_stdin(self) -> None:
         if self.pty_master is not None:
@@ -117,9 +127,22 @@ class Spawned:
             self.stdin_fd = None
 
     def signal_group(self, sig: int) -> bool:
-        """Signal the process group; False when it no longer exists."""
+        """Signal the process group; False when it no longer exists.
+
+        Sandboxed, the group that matters is the command's own inside the box
+        (bwrap itself would die of most signals and take the box down at
+        once); SIGKILL also goes to bwrap, which ends the box's pid namespace.
+        """
+        target = self.pid
+        if self.box is not None:
+            inner = self.box.command_group()
+            if inner is not None:
+                target = inner
+            if sig == signal.SIGKILL and target != self.pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, sig)
         try:
-            os.killpg(self.pid, sig)
+            os.killpg(target, sig)
             return True
         except ProcessLookupError:
             return False
@@ -205,6 +228,10 @@ class Spawned:
             self.signal_group(signal.SIGKILL)
 
     def close_fds(self) -> None:
+        if self.box is not None:
+            self.box.close()
+        if self.launch is not None:
+            self.launch.close_parent_fds()
         for fd in [self.stdin_fd, self.pty_master, *[fd for _, fd in self.out_fds]]:
             if fd is None:
                 continue
@@ -264,8 +291,13 @@ def _environment(spec: pb.ProcessSpec) -> dict[str, str]:
     return env
 
 
-def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
-    """Start the process described by `spec` in a new session; raise AgentError if it cannot."""
+def spawn(
+    spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool, sandbox: Sandbox | None = None
+) -> Spawned:
+    """Start the process described by `spec` in a new session; raise AgentError if it cannot.
+
+    With a `sandbox`, the caller must `await sp.activate(sandbox)` before anything else.
+    """
     argv = _argv(spec)
     cwd = _resolve_cwd(spec, paths)
     env = _environment(spec)
@@ -275,6 +307,13 @@ def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
         if found is None:
             raise not_found(f"command not found: {exe}")
         exe = found
+    launch: Launch | None = None
+    if sandbox is not None:
+        launch = sandbox.launch([exe, *argv[1:]], env, cwd, spec.pty)
+        if launch.argv[1:] == argv[1:] and launch.argv[0] == exe:
+            launch = None  # nothing wraps it: the direct path below keeps argv[0]
+        else:
+            env = launch.env
     master: int | None = None
     parent_fds: list[int] = []
     child_fds: list[int] = []
@@ -286,15 +325,28 @@ def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
             os.set_inheritable(master, False)
             # Not a group leader, so setsid(1) calls setsid() itself without
             # forking: the pid we get is the session's (and the job's) pid.
-            popen = subprocess.Popen(
-                [_setsid_ctty(), "--ctty", exe, *argv[1:]],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=cwd,
-                env=env,
-                close_fds=True,
-            )
+            if launch is not None:  # setsid --ctty is inside the launch (inside the box)
+                popen = subprocess.Popen(
+                    launch.argv,
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                    close_fds=True,
+                    pass_fds=launch.pass_fds,
+                    start_new_session=launch.info_r is not None,
+                )
+            else:
+                popen = subprocess.Popen(
+                    [_setsid_ctty(), "--ctty", exe, *argv[1:]],
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=cwd,
+                    env=env,
+                    close_fds=True,
+                )
             stdin_fd: int | None = master
             out_fds = [("stdout", master)]
             _set_nonblocking(master)
@@ -312,8 +364,8 @@ def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
                 w_in = -1
                 stdin_arg = subprocess.DEVNULL
             popen = subprocess.Popen(
-                argv,
-                executable=exe,
+                launch.argv if launch is not None else argv,
+                executable=None if launch is not None else exe,
                 stdin=stdin_arg,
                 stdout=w_out,
                 stderr=w_err,
@@ -321,6 +373,7 @@ def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=launch.pass_fds if launch is not None else (),
             )
             stdin_fd = w_in if keep_stdin else None
             out_fds = [("stdout", r_out), ("stderr", r_err)]
@@ -329,32 +382,41 @@ def spawn(spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool) -> Spawned:
     except FileNotFoundError:
         for fd in parent_fds + ([master] if master is not None else []):
             os.close(fd)
+        if launch is not None:
+            launch.close_parent_fds()
         raise not_found(f"command not found: {argv[0]}") from None
     except PermissionError:
         for fd in parent_fds + ([master] if master is not None else []):
             os.close(fd)
+        if launch is not None:
+            launch.close_parent_fds()
         raise AgentError(
             grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
         ) from None
     except OSError as exc:
         for fd in parent_fds + ([master] if master is not None else []):
             os.close(fd)
+        if launch is not None:
+            launch.close_parent_fds()
         raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start {argv[0]}: {exc}") from None
     finally:
         for fd in child_fds:
             os.close(fd)
+        if launch is not None:
+            launch.close_child_fds()
     sp = Spawned(
         popen=popen,
         pid=popen.pid,
         stdin_fd=stdin_fd,
         out_fds=out_fds,
         pty_master=master,
+        launch=launch,
     )
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
     except (AttributeError, OSError):
         sp.pidfd = None
-    audit(argv=argv, pid=popen.pid, cwd=cwd, pty=spec.pty)
+    audit(argv=argv, pid=popen.pid, cwd=cwd, pty=spec.pty, sandbox=launch is not None)
     return sp
 
 
@@ -389,9 +451,15 @@ async def write_all(fd: int, data: bytes) -> None:
 
 
 class ProcessService(pb_grpc.ProcessServicer):
-    def __init__(self, paths: PathPolicy, kill_grace: float = KILL_GRACE_SECONDS) -> None:
+    def __init__(
+        self,
+        paths: PathPolicy,
+        kill_grace: float = KILL_GRACE_SECONDS,
+        sandbox: Sandbox | None = None,
+    ) -> None:
         self.paths = paths
         self.kill_grace = kill_grace
+        self.sandbox = sandbox
 
     async def Exec(
         self,
@@ -402,7 +470,13 @@ class ProcessService(pb_grpc.ProcessServicer):
         if first is None or first.WhichOneof("msg") != "start":
             raise invalid("the first Exec message must be `start`")
         spec = first.start
-        sp = spawn(spec, self.paths, keep_stdin=spec.stdin)
+        sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox)
+        try:
+            await sp.activate(self.sandbox)
+        except BaseException:
+            await sp.teardown(self.kill_grace)
+            sp.close_fds()
+            raise
         queue: asyncio.Queue[pb.ExecResponse | None] = asyncio.Queue(OUTPUT_QUEUE_CHUNKS)
         timed_out = False
 
@@ -485,7 +559,13 @@ class ProcessService(pb_grpc.ProcessServicer):
         spec.CopyFrom(request.spec)
         spec.pty = False
         limit = request.output_limit or RUN_OUTPUT_LIMIT
-        sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin))
+        sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin), sandbox=self.sandbox)
+        try:
+            await sp.activate(self.sandbox)
+        except BaseException:
+            await sp.teardown(self.kill_grace)
+            sp.close_fds()
+            raise
         buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = {"stdout": False, "stderr": False}
 

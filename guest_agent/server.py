@@ -18,18 +18,25 @@ from cowork.agent.v1 import (
     claude_pb2,
     files_pb2,
     files_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
     process_pb2,
     process_pb2_grpc,
 )
 from cowork.defaults import MAX_MESSAGE_BYTES
 
 from . import claude, listeners
+from . import policy as pol
 from .config import AgentConfig
+from .egress import EgressLog, EgressProxy
+from .errors import AgentError
 from .files import FilesService
 from .info import CAPABILITIES, AgentService
 from .paths import PathPolicy
+from .policy_service import AuditRing, PolicyService, PolicyStore
 from .process import ProcessService
 from .rpc import AgentInterceptor
+from .sandbox import PROXY_URL, Sandbox, resolve_identity
 
 log = logging.getLogger("cowork.agent")
 
@@ -43,6 +50,10 @@ SERVER_OPTIONS = [
 ]
 
 
+class StartError(Exception):
+    """The configuration cannot be served safely (e.g. root without --run-as); one line."""
+
+
 class AgentServer:
     """A configured, not yet started agent; create it inside the event loop that will run it."""
 
@@ -52,17 +63,52 @@ class AgentServer:
         if not self.listens:
             raise listeners.ListenError("no --listen address given")
         self.paths = PathPolicy(cfg.roots, cfg.unrestricted_files)
+        try:
+            self.identity = resolve_identity(cfg.run_as, cfg.allow_root)
+            self.policy = PolicyStore(cfg.policy_file, pol.Policy(sandbox=cfg.default_sandbox))
+        except AgentError as exc:
+            raise StartError(exc.message) from None
+        except (OSError, ValueError) as exc:
+            raise StartError(f"policy {cfg.policy_file}: {exc}") from None
+        self.egress_log = EgressLog(path=cfg.egress_log_file)
+        overrides = dict(cfg.egress_resolve)
+
+        async def resolve(host: str, port: int) -> tuple[str, int]:
+            return overrides.get(host.lower().rstrip("."), host), port
+
+        self.egress = EgressProxy(
+            lambda: self.policy.current.egress(),
+            self.egress_log,
+            resolve if overrides else None,
+        )
+        self.sandbox = Sandbox(
+            identity=self.identity,
+            roots=list(self.paths.roots),
+            mode=lambda: self.policy.current.sandbox,
+            hidden=list(cfg.secret_paths),
+            proxy_handler=self.egress.handle,
+        )
+        self.audit_ring = AuditRing()
         self.server = grpc.aio.server(
             interceptors=[AgentInterceptor(cfg.token)], options=SERVER_OPTIONS
         )
-        caps = list(CAPABILITIES)
+        caps = [*CAPABILITIES, "policy", "logs", "sandbox.bwrap", "sandbox.egress"]
         self.agent = AgentService(self.paths, [str(x) for x in self.listens], caps)
+        self.agent.sandbox_info = self._sandbox_info
         agent_pb2_grpc.add_AgentServicer_to_server(self.agent, self.server)
         process_pb2_grpc.add_ProcessServicer_to_server(
-            ProcessService(self.paths, cfg.kill_grace), self.server
+            ProcessService(self.paths, cfg.kill_grace, self.sandbox), self.server
         )
-        files_pb2_grpc.add_FilesServicer_to_server(FilesService(self.paths), self.server)
-        claude.register(self.server, cfg, self.paths, self.agent)
+        files_pb2_grpc.add_FilesServicer_to_server(
+            FilesService(
+                self.paths, owner=self.identity.user if self.identity.mode == "user" else None
+            ),
+            self.server,
+        )
+        policy_pb2_grpc.add_PolicyServicer_to_server(
+            PolicyService(self.policy, self.audit_ring, self.egress_log), self.server
+        )
+        claude.register(self.server, cfg, self.paths, self.agent, self.sandbox)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [
@@ -70,13 +116,27 @@ class AgentServer:
             process_pb2.DESCRIPTOR.services_by_name["Process"].full_name,
             files_pb2.DESCRIPTOR.services_by_name["Files"].full_name,
             claude_pb2.DESCRIPTOR.services_by_name["Claude"].full_name,
+            policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self.server)
         self._relays: list[object] = []
 
+    def _sandbox_info(self) -> dict[str, object]:
+        p = self.policy.current
+        boxed = p.sandbox == "bwrap"
+        return {
+            "identity_mode": self.identity.mode,
+            "run_as_user": self.identity.user.name,
+            "sandbox": p.sandbox,
+            "seccomp": boxed,
+            "egress_preset": p.preset,
+            "egress_proxy": PROXY_URL if boxed else "",
+        }
+
     async def start(self) -> None:
+        self.audit_ring.install(asyncio.get_running_loop())
         for listen in self.listens:
             if listen.kind == "unix":
                 listeners.prepare_unix(listen.path, self.cfg.socket_group)
@@ -95,6 +155,7 @@ class AgentServer:
         log.info("serving on %s", ", ".join(str(x) for x in self.listens))
 
     async def stop(self, grace: float = 2.0) -> None:
+        self.audit_ring.uninstall()
         await self.health.enter_graceful_shutdown()
         for relay in self._relays:
             close = getattr(relay, "close", None)

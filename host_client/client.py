@@ -23,6 +23,8 @@ from cowork.agent.v1 import (
     claude_pb2_grpc,
     files_pb2,
     files_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
     process_pb2,
     process_pb2_grpc,
 )
@@ -78,6 +80,7 @@ class CoworkClient:
                 self._files = files_pb2_grpc.FilesStub(self._channel)
                 self._health = health_pb2_grpc.HealthStub(self._channel)
                 self._claude = claude_pb2_grpc.ClaudeStub(self._channel)
+                self._policy = policy_pb2_grpc.PolicyStub(self._channel)
             return self._channel
 
     def _stub(self, name: str) -> Any:
@@ -124,6 +127,53 @@ class CoworkClient:
         return to_dict(
             self._call(lambda: stub.Info(agent_pb2.InfoRequest(), metadata=self._metadata))
         )
+
+    # -- policy and logs (the sandbox) -----------------------------------------
+    def get_policy(self) -> dict[str, Any]:
+        """The sandbox policy in force: yaml, path, effective_allow/deny, sandbox."""
+        stub = self._stub("_policy")
+        return to_dict(
+            self._call(lambda: stub.Get(policy_pb2.GetPolicyRequest(), metadata=self._metadata))
+        )
+
+    def set_policy(
+        self,
+        yaml: str | None = None,
+        *,
+        allow: str | None = None,
+        deny: str | None = None,
+        preset: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace the policy (`yaml`) or make one change; InvalidArgument names a bad key."""
+        given = {
+            k: v
+            for k, v in (
+                ("yaml", yaml),
+                ("allow_domain", allow),
+                ("deny_domain", deny),
+                ("preset", preset),
+            )
+            if v is not None
+        }
+        if len(given) != 1:
+            raise ValueError("set_policy takes exactly one of yaml, allow, deny, preset")
+        req = policy_pb2.SetPolicyRequest(**given)
+        stub = self._stub("_policy")
+        return to_dict(self._call(lambda: stub.Set(req, metadata=self._metadata)))
+
+    def logs(self, net: bool = False, tail: int = 100, follow: bool = False) -> Iterator[str]:
+        """The agent's audit log (or egress log with `net`), one JSON object string per entry."""
+        kind = policy_pb2.LOG_KIND_EGRESS if net else policy_pb2.LOG_KIND_AUDIT
+        req = policy_pb2.LogsRequest(kind=kind, tail=tail, follow=follow)
+        stub = self._stub("_policy")
+        call = self._call(lambda: stub.Logs(req, metadata=self._metadata))
+        try:
+            for entry in call:
+                yield entry.json
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.target.spec) from None
+        finally:
+            call.cancel()
 
     def health(self, timeout: float = 2.0) -> bool:
         """True when the agent answers the standard health check as SERVING."""

@@ -73,6 +73,7 @@ class LocalAgent:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # the local agent runs commands as you (no isolation), root too
             "--listen",
             f"unix:{self.socket}",
             "--token-file",

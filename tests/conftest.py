@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ class AgentProc:
     socket: Path
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
@@ -49,6 +50,7 @@ class AgentProc:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # root here: processes may run as root
             "--listen",
             self.target,
             "--token-file",
@@ -97,7 +99,10 @@ class AgentProc:
         return (self.dir / "agent.log").read_text().splitlines()
 
 
-def make_agent(extra_args: list[str] | None = None) -> AgentProc:
+def make_agent(
+    extra_args: list[str] | None = None,
+    before_start: Callable[[AgentProc], None] | None = None,
+) -> AgentProc:
     # Short base dir: unix socket paths are limited to 107 bytes.
     d = Path(tempfile.mkdtemp(prefix="cw-", dir="/tmp"))
     root = d / "ws"
@@ -106,6 +111,8 @@ def make_agent(extra_args: list[str] | None = None) -> AgentProc:
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
     agent = AgentProc(d, root, token_file, d / "run" / "agent.sock", extra_args or [])
+    if before_start is not None:
+        before_start(agent)
     agent.start()
     return agent
 

@@ -88,6 +88,7 @@ def test_second_agent_on_a_live_socket_is_refused(agent: AgentProc) -> None:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # root here: processes may run as root
             "--listen",
             agent.target,
             "--token-file",
@@ -111,6 +112,7 @@ def test_vsock_listener_without_support_is_a_clear_error(tmp_path: Path) -> None
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # root here: processes may run as root
             "--listen",
             "vsock:bogus",
             "--token-file",

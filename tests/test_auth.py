@@ -102,6 +102,7 @@ def test_agent_refuses_a_world_readable_token_file(tmp_path) -> None:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # root here: processes may run as root
             "--listen",
             f"unix:{tmp_path}/s",
             "--token-file",
@@ -128,6 +129,7 @@ def test_agent_refuses_a_non_loopback_tcp_listener(tmp_path) -> None:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # root here: processes may run as root
             "--listen",
             "tcp:0.0.0.0:7999",
             "--token-file",

@@ -368,7 +368,7 @@ def test_start_relays_binds_vsock_and_a_private_socket() -> None:
 
 def _agent_argv(port: int, tok: Path, root: Path) -> list[str]:
     return [
-        *(sys.executable, "-m", "guest_agent", "--listen", f"vsock:{port}"),
+        *(sys.executable, "-m", "guest_agent", "--allow-root", "--listen", f"vsock:{port}"),
         *("--token-file", str(tok), "--root", str(root)),
     ]
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "host_client.cli.local_cmd",
     "host_client.cli.claude_cmd",
     "host_client.cli.lima_cmd",
+    "host_client.cli.policy_cmd",
 ]
 
 EPILOG = """\

@@ -370,28 +370,13 @@ def _width() -> int:
 
 # -- interactive ---------------------------------------------------------------------------
 def interactive_argv(version: dict[str, Any], args: list[str]) -> list[str]:
-    """argv for the TUI: the agent's claude binary, switched to its run-as user if needed.
+    """argv for the TUI: the agent's claude binary.
 
-    Process.Exec runs as the agent's user, so when Claude runs as another user
-    (`--run-as`) the session goes through util-linux setpriv, with that user's
-    HOME, so it shares the sessions and settings of `coworkctl ask` runs.
+    Since protocol 2 the agent runs every process as its run-as user (with that
+    user's HOME, inside the sandbox when the policy says so), so the TUI shares
+    the sessions and settings of `coworkctl ask` runs without any switching here.
     """
     exe = version.get("path") or "claude"
-    user = version.get("run_as_user") or ""
-    if user and version.get("agent_user") and user != version.get("agent_user"):
-        home = version.get("run_as_home") or "/"
-        return [
-            "setpriv",
-            f"--reuid={user}",
-            f"--regid={user}",
-            "--init-groups",
-            "env",
-            f"HOME={home}",
-            f"USER={user}",
-            f"LOGNAME={user}",
-            exe,
-            *args,
-        ]
     return [exe, *args]
 
 

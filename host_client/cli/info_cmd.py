@@ -39,7 +39,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         ),
         ("disk free", human_bytes(info["disk_free_bytes"])),
         ("roots", "(unrestricted)" if info["files_unrestricted"] else ", ".join(info["roots"])),
-        ("user", f"agent {info['agent_user']}, processes {info['run_as_user']}"),
+        (
+            "user",
+            f"agent {info['agent_user']}, processes {info['run_as_user']}"
+            + (f" ({info['identity_mode']})" if info.get("identity_mode") else ""),
+        ),
+        (
+            "sandbox",
+            f"{info.get('sandbox') or 'none'}"
+            + (
+                f" (seccomp, egress {info['egress_preset']} via {info['egress_proxy']})"
+                if info.get("sandbox") == "bwrap"
+                else ""
+            ),
+        ),
         ("claude", claude.get("version") or "not installed"),
         ("capabilities", ", ".join(info["capabilities"])),
         ("uptime", f"{info['uptime_seconds']:.0f}s"),

@@ -28,9 +28,14 @@
 #                              SSH session opened before this script already has
 #                              it). Empty: socket 0600, root only.
 #   COWORK_SOCKET_GROUP=GROUP  use this group instead of USER's primary group.
-#   COWORK_RUN_AS=USER         user Claude Code runs as. Default: COWORK_SOCKET_USER
-#                              (under Lima its uid owns the /workspace mount);
-#                              "root" or empty with no socket user: no --run-as.
+#   COWORK_SANDBOX_USER=NAME   the dedicated unprivileged user every process and
+#                              Claude run executes as (created here: no password,
+#                              no sudo, home 0700). Default: a random cowork-XXXXXX,
+#                              chosen once and kept in /etc/cowork/sandbox-user.
+#   COWORK_RUN_AS=USER         override the user processes run as ("root" = the
+#                              agent's --allow-root; never the Lima user by default).
+#   COWORK_SANDBOX=bwrap|none  sandbox written into a new /etc/cowork/policy.yaml
+#                              (default bwrap; an existing policy file is kept).
 #   COWORK_VSOCK=auto|1|0      listen on vsock:$COWORK_VSOCK_PORT. auto (default):
 #                              only when the guest has a virtio-vsock device (Lima
 #                              on vz has one, Lima on qemu does not).
@@ -178,11 +183,38 @@ if [ -z "$group" ] && [ -n "$SOCKET_USER" ]; then
   group=$(id -gn "$SOCKET_USER") || die "socket user $SOCKET_USER does not exist"
 fi
 [ -n "$group" ] && args+=(--socket-group "$group")
-run_as=${COWORK_RUN_AS-$SOCKET_USER}
-if [ -n "$run_as" ] && [ "$run_as" != root ]; then
+# --- the sandbox user and the policy ------------------------------------------
+sandbox_user=${COWORK_SANDBOX_USER:-$(cat /etc/cowork/sandbox-user 2>/dev/null || true)}
+if [ -z "$sandbox_user" ]; then
+  sandbox_user="cowork-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
+fi
+case "$sandbox_user" in *[!a-z0-9_-]* | "" | root) die "bad sandbox user name: $sandbox_user" ;; esac
+if ! id -u "$sandbox_user" >/dev/null 2>&1; then
+  useradd --create-home --shell /bin/bash --user-group "$sandbox_user" ||
+    die "cannot create the sandbox user $sandbox_user"
+  passwd --lock "$sandbox_user" >/dev/null
+  log "created the sandbox user $sandbox_user"
+fi
+chmod 0700 "$(getent passwd "$sandbox_user" | cut -d: -f6)"
+printf '%s\n' "$sandbox_user" >/etc/cowork/sandbox-user
+run_as=${COWORK_RUN_AS:-$sandbox_user}
+if [ "$run_as" = root ]; then
+  args+=(--allow-root)
+else
   id -u "$run_as" >/dev/null 2>&1 || die "run-as user $run_as does not exist"
   args+=(--run-as "$run_as")
 fi
+POLICY=/etc/cowork/policy.yaml
+if [ ! -s "$POLICY" ]; then
+  sandbox=${COWORK_SANDBOX:-bwrap}
+  case "$sandbox" in bwrap | none) ;; *) die "COWORK_SANDBOX must be bwrap or none, not $sandbox" ;; esac
+  [ "$sandbox" = none ] || command -v bwrap >/dev/null || die "the bwrap sandbox needs bubblewrap (apt-get install bubblewrap)"
+  (umask 077 && printf '%s\n' "# cowork sandbox policy (coworkctl policy show|set|allow|deny|preset)" \
+    "sandbox: $sandbox" "network:" "  preset: default" >"$POLICY")
+  log "wrote $POLICY (sandbox: $sandbox)"
+fi
+install -d -m 0700 /var/log/cowork
+args+=(--policy "$POLICY" --egress-log /var/log/cowork/egress.jsonl)
 # shellcheck disable=SC2206 # word splitting is the interface of COWORK_AGENT_ARGS
 [ -n "${COWORK_AGENT_ARGS:-}" ] && args+=(${COWORK_AGENT_ARGS})
 install -d -m 0755 "$ROOT"

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Debian packages the local test tier and the SSH baselines need.
+# Debian packages the local test tier, the sandbox tests and the SSH baselines need.
 set -euo pipefail
 need=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v ps >/dev/null 2>&1 || need+=(procps)
 command -v stty >/dev/null 2>&1 || need+=(coreutils)
+# The sandbox tests (tests/sandbox): bubblewrap, and libseccomp for the filter.
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo

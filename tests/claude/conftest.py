@@ -93,6 +93,7 @@ class ClaudeAgent:
             sys.executable,
             "-m",
             "guest_agent",
+            "--allow-root",  # root here: processes may run as root
             "--listen",
             self.target,
             "--token-file",

@@ -17,6 +17,7 @@ import pytest
 from cowork.agent.v1 import claude_pb2 as pb
 from guest_agent import claude as gc
 from guest_agent.errors import AgentError
+from guest_agent.sandbox import RunUser
 from host_client.claude import (
     ClaudeError,
     ClaudeResult,
@@ -277,8 +278,8 @@ def test_argv_refuses_bad_options(req: pb.AskRequest) -> None:
     assert info.value.code.name == "INVALID_ARGUMENT"
 
 
-def _user(uid: int) -> gc.RunUser:
-    return gc.RunUser("u", uid, uid, "/home/u", "/bin/sh")
+def _user(uid: int) -> RunUser:
+    return RunUser("u", uid, uid, "/home/u", "/bin/sh")
 
 
 def test_env_is_sandbox_only_for_root_bypass(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -402,9 +403,8 @@ def test_renderer_pipe_vs_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == ""
 
 
-def test_interactive_argv_switches_user_only_when_needed() -> None:
-    same = {"path": "/c/claude", "run_as_user": "root", "agent_user": "root"}
-    assert interactive_argv(same, ["--resume", "x"]) == ["/c/claude", "--resume", "x"]
+def test_interactive_argv_is_the_agents_claude_with_the_args() -> None:
+    # The agent itself runs processes as the run-as user: nothing to switch here.
     other = {"path": "/c/claude", "run_as_user": "lima", "agent_user": "root", "run_as_home": "/h"}
-    argv = interactive_argv(other, [])
-    assert argv[0] == "setpriv" and argv[-1] == "/c/claude" and "HOME=/h" in argv
+    assert interactive_argv(other, ["--resume", "x"]) == ["/c/claude", "--resume", "x"]
+    assert interactive_argv({}, []) == ["claude"]

@@ -13,7 +13,7 @@ set -euo pipefail
 out=${1:?usage: build-image.sh OUT}
 SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
-PACKAGES=systemd-sysv,udev,kmod,dbus,python3,python3-venv,python3-pip,openssh-server,iproute2,ca-certificates,procps,linux-image-amd64,initramfs-tools,zstd,sudo,less
+PACKAGES=systemd-sysv,udev,kmod,dbus,python3,python3-venv,python3-pip,openssh-server,iproute2,ca-certificates,procps,bubblewrap,libseccomp2,linux-image-amd64,initramfs-tools,zstd,sudo,less
 SIZE=${SIZE:-3G}
 
 for t in mmdebstrap mkfs.ext4 ssh-keygen; do

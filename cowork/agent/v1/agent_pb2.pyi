@@ -95,6 +95,11 @@ class InfoResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     CLAUDE_FIELD_NUMBER: _builtins.int
     LISTENERS_FIELD_NUMBER: _builtins.int
+    IDENTITY_MODE_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
+    SECCOMP_FIELD_NUMBER: _builtins.int
+    EGRESS_PRESET_FIELD_NUMBER: _builtins.int
+    EGRESS_PROXY_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     """Version of the guest agent package (e.g. "0.1.0")."""
     protocol_version: _builtins.int
@@ -117,6 +122,19 @@ class InfoResponse(_message.Message):
     run_as_user: _builtins.str
     uptime_seconds: _builtins.float
     """Seconds since the agent started."""
+    identity_mode: _builtins.str
+    """Who processes run as: "user" (a dedicated unprivileged account, run_as_user),
+    "root" (only with the agent's --allow-root) or "self" (the agent is not root).
+    """
+    sandbox: _builtins.str
+    """Sandbox around processes and Claude runs: "none" or "bwrap" (policy `sandbox`)."""
+    seccomp: _builtins.bool
+    """True when a seccomp filter is applied inside the sandbox."""
+    egress_preset: _builtins.str
+    """Egress policy preset ("default" or "offline") and the proxy seen by sandboxed
+    processes (e.g. "http://127.0.0.1:3128"; empty without a sandbox).
+    """
+    egress_proxy: _builtins.str
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature names the agent supports, e.g. "process.exec", "process.pty",
@@ -155,10 +173,15 @@ class InfoResponse(_message.Message):
         uptime_seconds: _builtins.float = ...,
         claude: Global___ClaudeInfo | None = ...,
         listeners: _abc.Iterable[_builtins.str] | None = ...,
+        identity_mode: _builtins.str = ...,
+        sandbox: _builtins.str = ...,
+        seccomp: _builtins.bool = ...,
+        egress_preset: _builtins.str = ...,
+        egress_proxy: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claude", b"claude"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_user", b"agent_user", "agent_version", b"agent_version", "arch", b"arch", "capabilities", b"capabilities", "claude", b"claude", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "distro", b"distro", "files_unrestricted", b"files_unrestricted", "hostname", b"hostname", "listeners", b"listeners", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "protocol_version", b"protocol_version", "python_version", b"python_version", "roots", b"roots", "run_as_user", b"run_as_user", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_user", b"agent_user", "agent_version", b"agent_version", "arch", b"arch", "capabilities", b"capabilities", "claude", b"claude", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "distro", b"distro", "egress_preset", b"egress_preset", "egress_proxy", b"egress_proxy", "files_unrestricted", b"files_unrestricted", "hostname", b"hostname", "identity_mode", b"identity_mode", "listeners", b"listeners", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "protocol_version", b"protocol_version", "python_version", b"python_version", "roots", b"roots", "run_as_user", b"run_as_user", "sandbox", b"sandbox", "seccomp", b"seccomp", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

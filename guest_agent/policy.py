@@ -1,0 +1,252 @@
+"""The sandbox policy: one YAML file in the guest, validated strictly, applied live.
+
+Why strict: a typo in a security policy (`alow:` for `allow:`) must not silently
+fall back to a default; every unknown key or bad value is an error that names
+the key, and the previous policy stays in force.
+
+    sandbox: bwrap          # none | bwrap
+    network:
+      preset: default       # default (Claude Code + package managers) | offline (nothing)
+      allow: []             # extra domains (`*.example.com` = its subdomains)
+      deny: []              # checked first: always refused
+    limits:                 # per exec / Claude run (cgroup v2)
+      memory: 2GiB          # memory.max
+      pids: 1024            # pids.max
+      cpus: 2               # cpu.max, in CPUs
+      max: {memory: 8GiB, pids: 4096, cpus: 4}   # what a call may ask for at most
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .egress import DEFAULT_ALLOW, DomainPolicy
+
+SANDBOX_MODES = ("none", "bwrap")
+PRESETS = ("default", "offline")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """cgroup v2 limits; 0 means "no limit" for that controller."""
+
+    memory_bytes: int = 0
+    pids: int = 0
+    cpus: float = 0.0
+
+    def capped(self, ceiling: Limits) -> Limits:
+        """These limits, each no higher than `ceiling`'s (where the ceiling sets one)."""
+
+        def cap(v: float, c: float) -> float:
+            if not c:
+                return v
+            return c if not v else min(v, c)
+
+        return Limits(
+            memory_bytes=int(cap(self.memory_bytes, ceiling.memory_bytes)),
+            pids=int(cap(self.pids, ceiling.pids)),
+            cpus=cap(self.cpus, ceiling.cpus),
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    sandbox: str = "none"
+    preset: str = "default"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    max_limits: Limits = field(default_factory=Limits)
+
+    def egress(self) -> DomainPolicy:
+        """The domain policy the egress proxy enforces."""
+        base = DEFAULT_ALLOW if self.preset == "default" else ()
+        return DomainPolicy(allow=tuple(dict.fromkeys(base + self.allow)), deny=self.deny)
+
+    def to_dict(self) -> dict[str, Any]:
+        def lim(x: Limits) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if x.memory_bytes:
+                out["memory"] = format_size(x.memory_bytes)
+            if x.pids:
+                out["pids"] = x.pids
+            if x.cpus:
+                out["cpus"] = int(x.cpus) if float(x.cpus).is_integer() else x.cpus
+            return out
+
+        limits = lim(self.limits)
+        ceiling = lim(self.max_limits)
+        if ceiling:
+            limits["max"] = ceiling
+        return {
+            "sandbox": self.sandbox,
+            "network": {"preset": self.preset, "allow": list(self.allow), "deny": list(self.deny)},
+            "limits": limits,
+        }
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        text: str = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        return text
+
+    def with_allowed(self, domain: str) -> Policy:
+        DomainPolicy.validate_pattern(domain)
+        return replace(
+            self,
+            allow=tuple(dict.fromkeys((*self.allow, domain))),
+            deny=tuple(d for d in self.deny if d != domain),
+        )
+
+    def with_denied(self, domain: str) -> Policy:
+        DomainPolicy.validate_pattern(domain)
+        return replace(
+            self,
+            deny=tuple(dict.fromkeys((*self.deny, domain))),
+            allow=tuple(d for d in self.allow if d != domain),
+        )
+
+    def with_preset(self, preset: str) -> Policy:
+        if preset not in PRESETS:
+            raise PolicyError(f"policy: unknown preset {preset!r} (use {' or '.join(PRESETS)})")
+        return replace(self, preset=preset, allow=(), deny=())
+
+
+def parse_size(value: Any, key: str) -> int:
+    """'2GiB', '2G', '512M', 1073741824 -> bytes (units are powers of 1024, as Docker's)."""
+    if isinstance(value, bool):
+        raise PolicyError(f"policy: {key} must be a size like 2GiB, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise PolicyError(f"policy: {key} must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise PolicyError(f"policy: {key} must be a size like 512MiB or 2GiB, not {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    power = "BKMGT".index(unit[0])
+    return int(number * 1024**power)
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise PolicyError(f"policy: {where or 'the document'} must be a mapping")
+    for k in obj:
+        if k not in allowed:
+            path = f"{where}.{k}" if where else str(k)
+            raise PolicyError(f"policy: unknown key {path!r} (known: {', '.join(sorted(allowed))})")
+    return obj
+
+
+def _limits(obj: Any, where: str, with_max: bool) -> tuple[Limits, Limits]:
+    d = _keys(obj, {"memory", "pids", "cpus", *(["max"] if with_max else [])}, where)
+    pids = d.get("pids", 0)
+    if isinstance(pids, bool) or not isinstance(pids, int) or pids < 0:
+        raise PolicyError(f"policy: {where}.pids must be a whole number >= 0, not {pids!r}")
+    cpus = d.get("cpus", 0)
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 0:
+        raise PolicyError(f"policy: {where}.cpus must be a number >= 0, not {cpus!r}")
+    own = Limits(
+        memory_bytes=parse_size(d.get("memory", 0), f"{where}.memory"),
+        pids=pids,
+        cpus=float(cpus),
+    )
+    ceiling = _limits(d.get("max"), f"{where}.max", False)[0] if with_max else Limits()
+    return own, ceiling
+
+
+def _domains(obj: Any, key: str) -> tuple[str, ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list):
+        raise PolicyError(f"policy: {key} must be a list of domains")
+    out = []
+    for i, d in enumerate(obj):
+        if not isinstance(d, str):
+            raise PolicyError(f"policy: {key}[{i}] must be a domain name, not {d!r}")
+        try:
+            DomainPolicy.validate_pattern(d)
+        except ValueError as exc:
+            raise PolicyError(f"policy: {key}[{i}]: {exc}") from None
+        out.append(d.strip().lower().rstrip("."))
+    return tuple(out)
+
+
+def parse(text: str) -> Policy:
+    """Parse and validate policy YAML; raise PolicyError naming the bad key."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PolicyError(f"policy: not valid YAML{where}") from None
+    d = _keys(doc, {"sandbox", "network", "limits"}, "")
+    sandbox = d.get("sandbox", "none")
+    if sandbox not in SANDBOX_MODES:
+        raise PolicyError(
+            f"policy: sandbox must be one of {', '.join(SANDBOX_MODES)}, not {sandbox!r}"
+        )
+    net = _keys(d.get("network"), {"preset", "allow", "deny"}, "network")
+    preset = net.get("preset", "default")
+    if preset not in PRESETS:
+        raise PolicyError(
+            f"policy: network.preset must be one of {', '.join(PRESETS)}, not {preset!r}"
+        )
+    limits, ceiling = _limits(d.get("limits"), "limits", True)
+    return Policy(
+        sandbox=sandbox,
+        preset=preset,
+        allow=_domains(net.get("allow"), "network.allow"),
+        deny=_domains(net.get("deny"), "network.deny"),
+        limits=limits,
+        max_limits=ceiling,
+    )
+
+
+def load(path: str | None, default: Policy | None = None) -> Policy:
+    """The policy at `path`; `default` (or the built-in one) when there is no file."""
+    if not path or not os.path.exists(path):
+        return default or Policy()
+    with open(path, encoding="utf-8") as f:
+        return parse(f.read())
+
+
+def save(path: str, policy: Policy) -> None:
+    """Write atomically (temp + fsync + rename), root-only readable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".policy.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# cowork sandbox policy (written by the agent: Policy.Set)\n")
+            f.write(policy.to_yaml())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

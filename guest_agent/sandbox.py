@@ -1,0 +1,421 @@
+"""The second wall: who a process runs as, and the bubblewrap box it runs in.
+
+Shape of a sandboxed launch (the agent is root in the VM):
+
+    bwrap --die-with-parent --unshare-{pid,ipc,uts,net,cgroup-try} --ro-bind / / ...
+          --seccomp FD --info-fd FD --block-fd FD [--new-session]
+      -- [setsid --ctty] setpriv --reuid U --regid G --init-groups
+             --inh-caps=-all --bounding-set=-all --no-new-privs -- EXE ARGS
+
+Why these choices:
+- bwrap runs as root (no user namespace) so that files the process writes are
+  owned by the real sandbox user; the switch to that user is done inside the box
+  by util-linux setpriv, which also empties every capability set. (Popen(user=)
+  would fork the multi-threaded agent in Python: see claude._spawn.)
+- The command is a session leader inside the box (`--new-session`, or setsid
+  --ctty for a PTY), so the agent signals *its* process group for a graceful
+  stop, and kills bwrap (hence the whole pid namespace) to finish.
+- The box's network namespace has only loopback. bwrap waits on --block-fd
+  until the agent has opened a listener *inside* that namespace (a thread that
+  setns()es, binds 127.0.0.1:3128, and returns); connections to it are served
+  by the agent's egress proxy, which applies the domain policy.
+- What the agent holds secret (token, sockets, policy, logs) is under paths
+  replaced by empty tmpfs mounts; /proc is the box's own, so `ps` shows no agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import pwd
+import shutil
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from .errors import AgentError, precondition
+
+PROXY_PORT = 3128
+PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+NO_PROXY = "localhost,127.0.0.1,::1"
+SANDBOX_HOSTNAME = "cowork-sandbox"
+CLONE_NEWNET = 0x40000000
+# Always hidden from the box, whatever the configuration says.
+ALWAYS_HIDDEN = ("/etc/cowork", "/run", "/root", "/home", "/var/log")
+
+
+@dataclass(frozen=True)
+class RunUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
+
+def lookup_user(run_as: str | None) -> RunUser:
+    """`run_as` (name or uid), or the agent's own user; FAILED_PRECONDITION if unknown."""
+    try:
+        if run_as:
+            entry = pwd.getpwuid(int(run_as)) if run_as.isdigit() else pwd.getpwnam(run_as)
+        else:
+            entry = pwd.getpwuid(os.geteuid())
+    except KeyError:
+        raise AgentError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"--run-as user does not exist: {run_as}"
+        ) from None
+    return RunUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who processes run as. `mode`: user (a dedicated account), root (--allow-root), self."""
+
+    user: RunUser
+    mode: str
+
+    def describe(self) -> str:
+        if self.mode == "user":
+            return f"user {self.user.name} (uid {self.user.uid})"
+        if self.mode == "root":
+            return "root (allowed by --allow-root)"
+        return f"the agent's own user {self.user.name} (agent is not root)"
+
+
+def resolve_identity(run_as: str | None, allow_root: bool) -> Identity:
+    """The identity the agent will use; raise SystemExit-worthy AgentError if unsafe."""
+    if os.geteuid() != 0:
+        me = lookup_user(None)
+        if run_as and lookup_user(run_as).uid != me.uid:
+            raise precondition(f"--run-as {run_as} needs the agent to run as root")
+        return Identity(me, "self")
+    if run_as:
+        user = lookup_user(run_as)
+        if user.uid == 0:
+            if not allow_root:
+                raise precondition("--run-as root needs --allow-root")
+            return Identity(user, "root")
+        return Identity(user, "user")
+    if not allow_root:
+        raise precondition(
+            "the agent runs as root: give --run-as USER (a dedicated unprivileged user) "
+            "or --allow-root to run processes as root"
+        )
+    return Identity(lookup_user(None), "root")
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or f"/usr/bin/{name}"
+    if not os.path.exists(found):
+        raise precondition(
+            f"the sandbox needs {name} (Debian/Ubuntu package: "
+            + ("bubblewrap)" if name == "bwrap" else "util-linux)")
+        )
+    return found
+
+
+def drop_to(user: RunUser) -> list[str]:
+    """argv prefix that becomes `user` with no capabilities (empty when already that user)."""
+    if user.is_self:
+        return []
+    return [
+        _tool("setpriv"),
+        f"--reuid={user.uid}",
+        f"--regid={user.gid}",
+        "--init-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+    ]
+
+
+@dataclass
+class Launch:
+    """A command line ready for Popen plus what the agent must do around it."""
+
+    argv: list[str]
+    env: dict[str, str]
+    pass_fds: tuple[int, ...] = ()
+    # Parent ends: bwrap's --info-fd (read) and --block-fd (write); None when not boxed.
+    info_r: int | None = None
+    block_w: int | None = None
+    # Child ends, closed by the parent once the child is started.
+    child_fds: list[int] = field(default_factory=list)
+
+    def close_child_fds(self) -> None:
+        for fd in self.child_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.child_fds = []
+
+    def close_parent_fds(self) -> None:
+        for fd in (self.info_r, self.block_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.info_r = self.block_w = None
+
+
+class Boxed:
+    """A started sandbox: finds the command inside it and owns its network bridge."""
+
+    def __init__(self, bwrap_pid: int) -> None:
+        self.bwrap_pid = bwrap_pid
+        self.init_pid: int | None = None  # the box's pid 1 (bwrap's reaper), host numbering
+        self._command: int | None = None
+        self.server: asyncio.AbstractServer | None = None
+
+    def command_group(self) -> int | None:
+        """Host id of the command's process group inside the box, once the command exists.
+
+        Non-PTY, bwrap's --new-session puts the box's reaper and the command in
+        one new session and group; with a PTY, setsid --ctty gives the command
+        its own. Either way the group of the reaper's first child is the one
+        that job control (and a graceful stop) must signal.
+        """
+        if self._command is None and self.init_pid is not None:
+            try:
+                with open(f"/proc/{self.init_pid}/task/{self.init_pid}/children") as f:
+                    kids = f.read().split()
+                if kids:
+                    self._command = os.getpgid(int(kids[0]))
+            except OSError:
+                pass
+        return self._command
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+def _setns_listener(ns_path: str) -> socket.socket:
+    """A TCP listener on 127.0.0.1:PROXY_PORT created inside the network namespace `ns_path`.
+
+    setns(CLONE_NEWNET) changes only the calling thread, and a socket keeps the
+    namespace it was created in, so a short-lived thread does the switch.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+        target = os.open(ns_path, os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
+            try:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: lo may not be up yet
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", PROXY_PORT))
+                s.listen(64)
+                s.setblocking(False)
+                result["sock"] = s
+            finally:
+                if libc.setns(own, CLONE_NEWNET) != 0:  # never leave a thread behind in the box
+                    result["fatal"] = True
+        except BaseException as exc:
+            result["error"] = exc
+        finally:
+            os.close(target)
+            os.close(own)
+
+    t = threading.Thread(target=work, name="cowork-netns")
+    t.start()
+    t.join()
+    if "error" in result:
+        raise result["error"]
+    sock: socket.socket = result["sock"]
+    return sock
+
+
+@dataclass
+class Sandbox:
+    """Builds launches for one agent: identity + (optionally) bubblewrap + egress bridge."""
+
+    identity: Identity
+    roots: list[str]
+    mode: Callable[[], str]  # "none" | "bwrap", read per launch (the policy can change)
+    hidden: list[str] = field(default_factory=list)
+    # Serves one client connection of the box's proxy listener (the egress proxy).
+    proxy_handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any] | None = None
+
+    def launch(self, argv: list[str], env: dict[str, str], cwd: str, pty: bool) -> Launch:
+        """The command line that runs `argv` (argv[0] absolute) as configured."""
+        user = self.identity.user
+        env = dict(env)
+        if self.identity.mode == "user":
+            env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+        if self.mode() != "bwrap":
+            inner = drop_to(user) + argv
+            if pty:
+                inner = [_tool("setsid"), "--ctty", *inner]
+            return Launch(argv=inner, env=env)
+        from . import seccomp
+
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        block_r, block_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            seccomp_fd = seccomp.filter_fd()
+        except BaseException:
+            for fd in (info_r, info_w, block_r, block_w):
+                os.close(fd)
+            raise
+        box = [
+            _tool("bwrap"),
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-net",
+            "--unshare-cgroup-try",
+            "--hostname",
+            SANDBOX_HOSTNAME,
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--perms",
+            "1777",
+            "--tmpfs",
+            "/tmp",
+            "--perms",
+            "1777",
+            "--tmpfs",
+            "/var/tmp",
+        ]
+        emptied = ["/tmp", "/var/tmp"]  # directories the box sees as fresh tmpfs
+        for path in dict.fromkeys([*ALWAYS_HIDDEN, *self.hidden]):
+            if path == "/" or _under_any(path, emptied):
+                continue  # already out of sight
+            if os.path.isdir(path):
+                box += ["--tmpfs", path]
+                emptied.append(path)
+            elif os.path.exists(path):
+                box += ["--ro-bind", "/dev/null", path]
+        made: set[str] = set()
+        binds: list[tuple[str, str]] = []
+        if self.identity.mode == "user":
+            binds.append(("--bind" if os.path.isdir(user.home) else "--tmpfs", user.home))
+        binds += [("--bind", root) for root in self.roots]
+        for how, path in binds:
+            # Parents created inside a tmpfs must be traversable by the user.
+            for parent in _ancestors(path):
+                if parent not in made and _under_any(parent, emptied):
+                    box += ["--perms", "0755", "--dir", parent]
+                    made.add(parent)
+            box += [how, path] if how == "--tmpfs" else [how, path, path]
+        box += ["--chdir", cwd]
+        if self.identity.mode == "root":
+            box += ["--cap-drop", "ALL"]
+        box += ["--seccomp", str(seccomp_fd), "--info-fd", str(info_w), "--block-fd", str(block_r)]
+        if not pty:
+            box.append("--new-session")
+        box.append("--")
+        inner = drop_to(user) + argv
+        if pty:
+            inner = [_tool("setsid"), "--ctty", *inner]
+        env.update(
+            HTTP_PROXY=PROXY_URL,
+            HTTPS_PROXY=PROXY_URL,
+            http_proxy=PROXY_URL,
+            https_proxy=PROXY_URL,
+            NO_PROXY=NO_PROXY,
+            no_proxy=NO_PROXY,
+        )
+        for fd in (seccomp_fd, info_w, block_r):
+            os.set_inheritable(fd, True)
+        return Launch(
+            argv=box + inner,
+            env=env,
+            pass_fds=(seccomp_fd, info_w, block_r),
+            info_r=info_r,
+            block_w=block_w,
+            child_fds=[seccomp_fd, info_w, block_r],
+        )
+
+    async def activate(self, launch: Launch, bwrap_pid: int) -> Boxed | None:
+        """After Popen: learn the box's pid 1, open its proxy listener, let it run."""
+        if launch.info_r is None or launch.block_w is None:
+            return None
+        box = Boxed(bwrap_pid)
+        try:
+            data = await _read_until_eof_or_json(launch.info_r)
+            try:
+                box.init_pid = int(json.loads(data)["child-pid"])
+            except (ValueError, KeyError, TypeError):
+                # bwrap refused to start (its reason is on the process's stderr,
+                # and its exit code follows): nothing to bridge.
+                return box
+            if self.proxy_handler is not None:
+                lsock = _setns_listener(f"/proc/{box.init_pid}/ns/net")
+                box.server = await asyncio.start_server(self.proxy_handler, sock=lsock)
+            try:
+                os.write(launch.block_w, b"1")
+            except BrokenPipeError:
+                pass  # the box is already gone; its exit is reported as usual
+        except BaseException:
+            box.close()
+            raise
+        finally:
+            launch.close_parent_fds()
+        return box
+
+
+def _under_any(path: str, dirs: list[str]) -> bool:
+    """True when `path` lies strictly below one of `dirs`."""
+    return any(path != d and path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
+def _ancestors(path: str) -> list[str]:
+    """'/a/b/c' -> ['/a', '/a/b'] (outermost first, without the path itself)."""
+    parts = path.strip("/").split("/")[:-1]
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+async def _read_until_eof_or_json(fd: int) -> bytes:
+    """bwrap writes `{"child-pid": N}` to --info-fd and closes it only at exit: read one object."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    buf = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def ready(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, ready)
+            try:
+                await fut
+            finally:
+                loop.remove_reader(fd)
+            continue
+        if not chunk:
+            return buf
+        buf += chunk
+        if buf.rstrip().endswith(b"}"):
+            return buf
