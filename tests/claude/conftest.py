@@ -174,7 +174,9 @@ def delete_run_as_user(name: str) -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def make_claude_agent(claude_bin: Path, run_as: str | None) -> ClaudeAgent:
+def make_claude_agent(
+    claude_bin: Path, run_as: str | None, extra_args: list[str] | None = None
+) -> ClaudeAgent:
     d = Path(tempfile.mkdtemp(prefix="cwc-", dir="/tmp"))
     d.chmod(0o755)  # the run-as user must reach the workspace below it
     root = d / "ws"
@@ -184,7 +186,7 @@ def make_claude_agent(claude_bin: Path, run_as: str | None) -> ClaudeAgent:
     token_file = d / "token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    args = ["--claude-bin", str(claude_bin)]
+    args = ["--claude-bin", str(claude_bin), *(extra_args or [])]
     if run_as:
         args += ["--run-as", run_as]
         pw = pwd.getpwnam(run_as)

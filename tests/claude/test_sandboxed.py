@@ -1,0 +1,99 @@
+"""The real Claude Code CLI inside the bubblewrap sandbox, its API traffic through the proxy.
+
+The box has only loopback; the CLI reaches the (fake) Messages API at a name on
+the policy's allow list through HTTP(S)_PROXY=127.0.0.1:3128, which the agent
+bridges to its egress proxy. The name is mapped to the fake's loopback address
+by `--egress-resolve`: nothing leaves this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from host_client.claude import ClaudeResult
+from tests.claude.conftest import (
+    FAKE_KEY,
+    ClaudeAgent,
+    create_run_as_user,
+    delete_run_as_user,
+    make_claude_agent,
+)
+from tests.claude.fake_anthropic import FakeAnthropic, Text
+
+pytestmark = pytest.mark.timeout(180)
+API_NAME = "api.allowed.test"
+
+
+@pytest.fixture(scope="module")
+def boxed_claude(
+    claude_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClaudeAgent]:
+    user = create_run_as_user()
+    policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    policy.write_text(f"sandbox: bwrap\nnetwork:\n  preset: offline\n  allow: [{API_NAME}]\n")
+    try:
+        agent = make_claude_agent(
+            claude_bin,
+            user,
+            ["--policy", str(policy), "--egress-resolve", f"{API_NAME}=127.0.0.1"],
+        )
+        try:
+            yield agent
+        finally:
+            agent.stop()
+            shutil.rmtree(agent.dir, ignore_errors=True)
+    finally:
+        delete_run_as_user(user)
+
+
+def _env(api: FakeAnthropic) -> dict[str, str]:
+    port = api.base_url.rsplit(":", 1)[1]
+    return {
+        "ANTHROPIC_BASE_URL": f"http://{API_NAME}:{port}",
+        "ANTHROPIC_API_KEY": FAKE_KEY,
+        "CLAUDE_CODE_MAX_RETRIES": "0",
+    }
+
+
+def test_sandboxed_claude_completes_through_the_egress_proxy(
+    boxed_claude: ClaudeAgent, api: FakeAnthropic
+) -> None:
+    api.script(Text("Hello from inside the box."))
+    wd = boxed_claude.workdir("boxed")
+    with boxed_claude.client() as c:
+        assert c.info()["sandbox"] == "bwrap"
+        result = c.ask_claude("Say hello.", cwd=str(wd), env=_env(api))
+        log = [json.loads(x) for x in c.logs(net=True)]
+    assert result.exit_code == 0, result.error
+    assert result.output == "Hello from inside the box."
+    hits = [r for r in log if r["host"] == API_NAME]
+    assert hits and all(r["allowed"] for r in hits)
+    assert api.conversation_requests(), "the fake model saw no request"
+
+
+def test_offline_preset_blocks_the_sandboxed_claude_with_a_clear_error(
+    boxed_claude: ClaudeAgent, api: FakeAnthropic
+) -> None:
+    api.script(Text("must not be seen"))
+    wd = boxed_claude.workdir("offline")
+    with boxed_claude.client() as c:
+        before = c.get_policy()["yaml"]
+        c.set_policy(preset="offline")
+        try:
+            events = list(c.ask_stream("Say hello.", cwd=str(wd), env=_env(api)))
+            log = [json.loads(x) for x in c.logs(net=True)]
+        finally:
+            c.set_policy(yaml=before)
+    final = events[-1]
+    assert isinstance(final, ClaudeResult), events
+    assert final.is_error and final.exit_code == 1
+    # What the user reads names the cause: the CLI relays the proxy's 403 text.
+    assert "cowork egress policy" in final.result and API_NAME in final.result
+    denied = [r for r in log if r["host"] == API_NAME and not r["allowed"]]
+    assert denied, log
+    assert not api.conversation_requests()
