@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "writes a policy with bwrap)",
     )
     p.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="do not put runs in cgroups (by default, on a cgroup v2 host, each exec and "
+        "Claude run gets its own cgroup with the policy's memory/pids/cpu limits)",
+    )
+    p.add_argument(
         "--egress-log", metavar="PATH", help="append the egress proxy's log here (JSON lines)"
     )
     p.add_argument(
@@ -208,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         policy_file=args.policy
         or (GUEST_POLICY_FILE if os.path.exists(GUEST_POLICY_FILE) else None),
         default_sandbox=args.sandbox,
+        limits=not args.no_limits,
         egress_log_file=args.egress_log,
         egress_resolve=parse_resolve(args.egress_resolve),
         secret_paths=secret_paths(args),

@@ -53,7 +53,8 @@ from .config import AgentConfig
 from .errors import AgentError, denied, invalid, not_found
 from .info import AgentService
 from .paths import PathPolicy
-from .process import Spawned, base_environment, pump, write_all
+from .policy import Limits
+from .process import Spawned, base_environment, limits_of, pump, write_all
 from .rpc import Context, audit
 from .sandbox import Launch, RunUser, Sandbox, lookup_user
 
@@ -463,6 +464,7 @@ def _spawn(
     env: dict[str, str],
     user: RunUser,
     sandbox: Sandbox | None = None,
+    limits: Limits | None = None,
 ) -> tuple[Spawned, int]:
     """Start the CLI in a new session; return it and the write end of its stdin.
 
@@ -474,7 +476,7 @@ def _spawn(
     """
     launch: Launch | None = None
     if sandbox is not None:  # the sandbox switches user itself (and boxes it, per policy)
-        launch = sandbox.launch(argv, env, cwd, pty=False)
+        launch = sandbox.launch(argv, env, cwd, pty=False, limits=limits)
         argv, env = launch.argv, launch.env
     elif not user.is_self:
         argv = [
@@ -683,7 +685,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             env_keys=sorted(request.env.keys()),
             timeout_ms=request.timeout_ms,
         )
-        sp, stdin_fd = _spawn(argv, cwd, env, user, self.sandbox)
+        sp, stdin_fd = _spawn(argv, cwd, env, user, self.sandbox, limits_of(request.limits))
         try:
             await sp.activate(self.sandbox)
         except BaseException:
@@ -828,7 +830,10 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                 api_error_status=res.api_error_status,
             )
             return pb.AskEvent(result=res)
-        if sig:
+        oom = sp.oom_killed
+        if oom:
+            message = "claude was killed by the OOM killer: the run went past its memory limit"
+        elif sig:
             message = f"claude was killed by signal {sig} before reporting a result"
         else:
             message = f"claude exited with code {code} without a result"
@@ -836,7 +841,9 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             message += f": {state.stderr_tail[-1]}"
         audit(is_error=True)
         return pb.AskEvent(
-            error=pb.ErrorEvent(message=message, exit_code=code, signal=sig, stderr_tail=tail)
+            error=pb.ErrorEvent(
+                message=message, exit_code=code, signal=sig, stderr_tail=tail, oom_killed=oom
+            )
         )
 
 

@@ -29,5 +29,7 @@ class AgentConfig:
     egress_log_file: str | None = None
     # Host name -> address the egress proxy dials instead of resolving the name.
     egress_resolve: dict[str, str] = field(default_factory=dict)
+    # Give each run its own cgroup v2 with the policy's limits (when the host has v2).
+    limits: bool = True
     # Paths the sandbox hides (token file, sockets, logs): filled in by __main__.
     secret_paths: list[str] = field(default_factory=list)

@@ -44,6 +44,7 @@ from cowork.defaults import (
 
 from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
+from .policy import Limits
 from .rpc import Context, add_bytes, audit, first_message
 from .sandbox import Boxed, Launch, Sandbox
 
@@ -232,6 +233,15 @@ class Spawned:
             self.box.close()
         if self.launch is not None:
             self.launch.close_parent_fds()
+            if self.launch.cgroup is not None:
+                self.launch.cgroup.remove()
+                self.launch.cgroup = None
+
+    @property
+    def oom_killed(self) -> bool:
+        """The run's cgroup saw the OOM killer (call before close_fds)."""
+        cg = self.launch.cgroup if self.launch is not None else None
+        return cg is not None and cg.oom_kills() > 0
         for fd in [self.stdin_fd, self.pty_master, *[fd for _, fd in self.out_fds]]:
             if fd is None:
                 continue
@@ -251,6 +261,7 @@ class Spawned:
             signal=sig,
             timed_out=timed_out,
             duration_ms=(time.monotonic() - self.started) * 1000,
+            oom_killed=self.oom_killed,
         )
 
 
@@ -291,6 +302,15 @@ def _environment(spec: pb.ProcessSpec) -> dict[str, str]:
     return env
 
 
+def limits_of(msg: pb.ResourceLimits) -> Limits | None:
+    """The limits a request asked for (None when it asked for none)."""
+    if not (msg.memory_bytes or msg.pids or msg.cpus):
+        return None
+    if msg.cpus < 0:
+        raise invalid("limits.cpus must be >= 0")
+    return Limits(memory_bytes=msg.memory_bytes, pids=msg.pids, cpus=msg.cpus)
+
+
 def spawn(
     spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool, sandbox: Sandbox | None = None
 ) -> Spawned:
@@ -307,9 +327,12 @@ def spawn(
         if found is None:
             raise not_found(f"command not found: {exe}")
         exe = found
+    elif sandbox is not None and not os.path.exists(os.path.join(cwd, exe)):
+        # Wrapped, the wrapper would be what fails to exec: say it as a direct run would.
+        raise not_found(f"command not found: {exe}")
     launch: Launch | None = None
     if sandbox is not None:
-        launch = sandbox.launch([exe, *argv[1:]], env, cwd, spec.pty)
+        launch = sandbox.launch([exe, *argv[1:]], env, cwd, spec.pty, limits_of(spec.limits))
         if launch.argv[1:] == argv[1:] and launch.argv[0] == exe:
             launch = None  # nothing wraps it: the direct path below keeps argv[0]
         else:
@@ -543,7 +566,12 @@ class ProcessService(pb_grpc.ProcessServicer):
                 yield item
             await tasks[2]
             exit_msg = sp.exit_message(timed_out=timed_out)
-            audit(exit_code=exit_msg.code, signal=exit_msg.signal, timed_out=timed_out)
+            audit(
+                exit_code=exit_msg.code,
+                signal=exit_msg.signal,
+                timed_out=timed_out,
+                oom_killed=exit_msg.oom_killed,
+            )
             yield pb.ExecResponse(exit=exit_msg)
         finally:
             for t in tasks:
@@ -606,7 +634,12 @@ class ProcessService(pb_grpc.ProcessServicer):
             await sp.teardown(self.kill_grace)
             await asyncio.gather(work, clear, return_exceptions=True)
             sp.close_fds()
-        audit(exit_code=exit_msg.code, signal=exit_msg.signal, timed_out=timed_out)
+        audit(
+            exit_code=exit_msg.code,
+            signal=exit_msg.signal,
+            timed_out=timed_out,
+            oom_killed=exit_msg.oom_killed,
+        )
         return pb.RunResponse(
             stdout=bytes(buffers["stdout"]),
             stderr=bytes(buffers["stderr"]),

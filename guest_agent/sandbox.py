@@ -39,7 +39,9 @@ from typing import Any
 
 import grpc
 
+from .cgroups import Cgroups, RunCgroup
 from .errors import AgentError, precondition
+from .policy import Limits
 
 PROXY_PORT = 3128
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
@@ -152,6 +154,8 @@ class Launch:
     block_w: int | None = None
     # Child ends, closed by the parent once the child is started.
     child_fds: list[int] = field(default_factory=list)
+    # The run's own cgroup (limits), removed when the run is over.
+    cgroup: RunCgroup | None = None
 
     def close_child_fds(self) -> None:
         for fd in self.child_fds:
@@ -256,9 +260,47 @@ class Sandbox:
     hidden: list[str] = field(default_factory=list)
     # Serves one client connection of the box's proxy listener (the egress proxy).
     proxy_handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any] | None = None
+    # cgroup v2 limits: the agent's subtree, and the policy's (defaults, ceiling).
+    cgroups: Cgroups | None = None
+    limits: Callable[[], tuple[Limits, Limits]] | None = None
 
-    def launch(self, argv: list[str], env: dict[str, str], cwd: str, pty: bool) -> Launch:
+    def effective_limits(self, asked: Limits | None) -> Limits:
+        """What a run gets: what it asked for (else the policy default), capped by the maximum."""
+        if self.limits is None:
+            return Limits()
+        default, ceiling = self.limits()
+        asked = asked or Limits()
+        want = Limits(
+            memory_bytes=asked.memory_bytes or default.memory_bytes,
+            pids=asked.pids or default.pids,
+            cpus=asked.cpus or default.cpus,
+        )
+        return want.capped(ceiling)
+
+    def launch(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        pty: bool,
+        limits: Limits | None = None,
+    ) -> Launch:
         """The command line that runs `argv` (argv[0] absolute) as configured."""
+        launch = self._launch(argv, env, cwd, pty)
+        if self.cgroups is not None and self.cgroups.available:
+            try:
+                launch.cgroup = self.cgroups.create_run(self.effective_limits(limits))
+            except OSError as exc:
+                launch.close_parent_fds()
+                launch.close_child_fds()
+                raise AgentError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot create the run's cgroup: {exc}"
+                ) from None
+            if launch.cgroup is not None:
+                launch.argv = launch.cgroup.prefix() + launch.argv
+        return launch
+
+    def _launch(self, argv: list[str], env: dict[str, str], cwd: str, pty: bool) -> Launch:
         user = self.identity.user
         env = dict(env)
         if self.identity.mode == "user":

@@ -27,6 +27,7 @@ from cowork.defaults import MAX_MESSAGE_BYTES
 
 from . import claude, listeners
 from . import policy as pol
+from .cgroups import Cgroups
 from .config import AgentConfig
 from .egress import EgressLog, EgressProxy
 from .errors import AgentError
@@ -87,6 +88,8 @@ class AgentServer:
             mode=lambda: self.policy.current.sandbox,
             hidden=list(cfg.secret_paths),
             proxy_handler=self.egress.handle,
+            cgroups=Cgroups.setup() if cfg.limits else Cgroups(None, "disabled (--no-limits)"),
+            limits=lambda: (self.policy.current.limits, self.policy.current.max_limits),
         )
         self.audit_ring = AuditRing()
         self.server = grpc.aio.server(
@@ -133,6 +136,7 @@ class AgentServer:
             "seccomp": boxed,
             "egress_preset": p.preset,
             "egress_proxy": PROXY_URL if boxed else "",
+            "limits": self.sandbox.cgroups.describe() if self.sandbox.cgroups else "",
         }
 
     async def start(self) -> None:

@@ -138,8 +138,9 @@ class AsyncCoworkClient:
         cwd: str | None = None,
         timeout: float | None = None,
         output_limit: int = 0,
+        limits: Mapping[str, float] | None = None,
     ) -> ExecutionResult:
-        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout)
+        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout, limits=limits)
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         req = process_pb2.RunRequest(spec=spec, stdin=data, output_limit=output_limit)
         stub = self._stub("_process")
@@ -155,6 +156,7 @@ class AsyncCoworkClient:
             stdout=resp.stdout,
             stderr=resp.stderr,
             truncated=resp.stdout_truncated or resp.stderr_truncated,
+            oom_killed=ex.oom_killed,
         )
 
     async def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:
@@ -173,6 +175,7 @@ class AsyncCoworkClient:
         rows: int = 0,
         cols: int = 0,
         term: str = "",
+        limits: Mapping[str, float] | None = None,
     ) -> AsyncExecStream:
         spec = rq.process_spec(
             command,
@@ -184,6 +187,7 @@ class AsyncCoworkClient:
             cols=cols,
             term=term,
             stdin=interactive or stdin is not None or pty,
+            limits=limits,
         )
         return AsyncExecStream(self, spec, stdin, interactive)
 

@@ -241,9 +241,10 @@ class CoworkClient:
         cwd: str | None = None,
         timeout: float | None = None,
         output_limit: int = 0,
+        limits: Mapping[str, float] | None = None,
     ) -> ExecutionResult:
         """Run to completion and return buffered output (capped at `output_limit` per stream)."""
-        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout)
+        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout, limits=limits)
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         req = process_pb2.RunRequest(spec=spec, stdin=data, output_limit=output_limit)
         stub = self._stub("_process")
@@ -259,6 +260,7 @@ class CoworkClient:
             stdout=resp.stdout,
             stderr=resp.stderr,
             truncated=resp.stdout_truncated or resp.stderr_truncated,
+            oom_killed=ex.oom_killed,
         )
 
     def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:
@@ -278,6 +280,7 @@ class CoworkClient:
         rows: int = 0,
         cols: int = 0,
         term: str = "",
+        limits: Mapping[str, float] | None = None,
     ) -> ExecStream:
         """Start a process and stream its events (Started, Output..., Exited).
 
@@ -295,6 +298,7 @@ class CoworkClient:
             cols=cols,
             term=term,
             stdin=interactive or stdin is not None or pty,
+            limits=limits,
         )
         return ExecStream(self, spec, stdin, interactive)
 

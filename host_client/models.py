@@ -19,6 +19,8 @@ class ExecutionResult:
     stdout: bytes = b""
     stderr: bytes = b""
     truncated: bool = False
+    # The process tree went past its memory limit and was OOM-killed.
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -42,6 +44,7 @@ class Exited:
     signal: int
     timed_out: bool
     duration_ms: float
+    oom_killed: bool = False
 
     @property
     def shell_code(self) -> int:

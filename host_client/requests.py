@@ -36,6 +36,7 @@ def process_spec(
     term: str = "",
     stdin: bool = False,
     clear_env: bool = False,
+    limits: Mapping[str, float] | None = None,
 ) -> process_pb2.ProcessSpec:
     """A str is a shell command line (`sh -c`); a sequence is an argv (no shell)."""
     spec = process_pb2.ProcessSpec(
@@ -54,7 +55,21 @@ def process_spec(
         spec.argv.extend(command)
     if env:
         spec.env.update(env)
+    if limits:
+        spec.limits.CopyFrom(resource_limits(limits))
     return spec
+
+
+def resource_limits(limits: Mapping[str, float]) -> process_pb2.ResourceLimits:
+    """{'memory_bytes': .., 'pids': .., 'cpus': ..} -> the proto (unknown keys are an error)."""
+    unknown = set(limits) - {"memory_bytes", "pids", "cpus"}
+    if unknown:
+        raise ValueError(f"unknown limit(s): {', '.join(sorted(unknown))}")
+    return process_pb2.ResourceLimits(
+        memory_bytes=int(limits.get("memory_bytes", 0)),
+        pids=int(limits.get("pids", 0)),
+        cpus=float(limits.get("cpus", 0.0)),
+    )
 
 
 def exec_event(resp: process_pb2.ExecResponse) -> Started | Output | Exited:
@@ -69,7 +84,7 @@ def exec_event(resp: process_pb2.ExecResponse) -> Started | Output | Exited:
 
 
 def exited(msg: process_pb2.Exit) -> Exited:
-    return Exited(msg.code, msg.signal, msg.timed_out, msg.duration_ms)
+    return Exited(msg.code, msg.signal, msg.timed_out, msg.duration_ms, msg.oom_killed)
 
 
 def stdin_messages(stdin: Any) -> Iterator[process_pb2.ExecRequest]:

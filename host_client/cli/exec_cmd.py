@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -36,6 +37,11 @@ def register(sub: Any) -> None:
     p.add_argument("--cwd", help="working directory (default: the workspace root)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="kill after SECONDS (exit 124)")
+    p.add_argument(
+        "--memory", metavar="SIZE", help="memory limit, e.g. 512M (capped by the policy)"
+    )
+    p.add_argument("--pids", type=int, metavar="N", help="most processes/threads at once")
+    p.add_argument("--cpus", type=float, metavar="N", help="CPU limit in CPUs, e.g. 1.5")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV...", help="the command")
     p.set_defaults(func=cmd_exec)
 
@@ -57,6 +63,27 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
             fail(f"--env wants KEY=VALUE, got {pair!r}", 2)
         env[key] = value
     return env
+
+
+def limits_arg(args: argparse.Namespace) -> dict[str, float] | None:
+    """--memory/--pids/--cpus as the client's `limits` mapping (usage errors exit 2)."""
+    out: dict[str, float] = {}
+    if getattr(args, "memory", None):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", args.memory, re.IGNORECASE)
+        if not m:
+            fail(f"--memory wants a size like 512M or 2G, not {args.memory!r}", 2)
+        out["memory_bytes"] = int(
+            float(m.group(1)) * 1024 ** "BKMGT".index(m.group(2).upper() or "B")
+        )
+    if getattr(args, "pids", None) is not None:
+        if args.pids <= 0:
+            fail("--pids must be > 0", 2)
+        out["pids"] = args.pids
+    if getattr(args, "cpus", None) is not None:
+        if args.cpus <= 0:
+            fail("--cpus must be > 0", 2)
+        out["cpus"] = args.cpus
+    return out or None
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -92,7 +119,9 @@ def _exec_pipes(client: Any, argv: list[str], env: dict[str, str], args: argpars
     stdin: Any = None
     if args.interactive or not sys.stdin.isatty():
         stdin = sys.stdin.buffer
-    stream = client.exec(argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout)
+    stream = client.exec(
+        argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits_arg(args)
+    )
     out, err = sys.stdout.buffer, sys.stderr.buffer
     code = 1
     try:
@@ -103,6 +132,10 @@ def _exec_pipes(client: Any, argv: list[str], env: dict[str, str], args: argpars
                 target.flush()
             elif isinstance(ev, Exited):
                 code = ev.shell_code
+                if ev.oom_killed:
+                    print(
+                        "coworkctl: killed: out of memory (the run's memory limit)", file=sys.stderr
+                    )
     except KeyboardInterrupt:
         stream.cancel()  # the agent kills the remote process group
         raise CliError("interrupted; remote process stopped", 130) from None

@@ -209,8 +209,12 @@ if [ ! -s "$POLICY" ]; then
   sandbox=${COWORK_SANDBOX:-bwrap}
   case "$sandbox" in bwrap | none) ;; *) die "COWORK_SANDBOX must be bwrap or none, not $sandbox" ;; esac
   [ "$sandbox" = none ] || command -v bwrap >/dev/null || die "the bwrap sandbox needs bubblewrap (apt-get install bubblewrap)"
+  # Per-run limits: 3/4 of the guest's memory, 4096 tasks, every CPU (the agent keeps the rest).
+  mem_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
   (umask 077 && printf '%s\n' "# cowork sandbox policy (coworkctl policy show|set|allow|deny|preset)" \
-    "sandbox: $sandbox" "network:" "  preset: default" >"$POLICY")
+    "sandbox: $sandbox" "network:" "  preset: default" "limits:" \
+    "  memory: $((mem_kib * 3 / 4 / 1024))MiB" "  pids: 4096" "  cpus: $(nproc)" \
+    "  max: {memory: $((mem_kib * 7 / 8 / 1024))MiB, pids: 16384, cpus: $(nproc)}" >"$POLICY")
   log "wrote $POLICY (sandbox: $sandbox)"
 fi
 install -d -m 0700 /var/log/cowork
@@ -240,6 +244,10 @@ Type=simple
 ExecStart=$exec_start
 Restart=on-failure
 RestartSec=2
+# The agent puts every run in its own cgroup below its own (guest_agent/cgroups.py),
+# and must outlive a workload that exhausts memory.
+Delegate=yes
+OOMScoreAdjust=-900
 RuntimeDirectory=cowork
 RuntimeDirectoryMode=0755
 Environment=HOME=/root

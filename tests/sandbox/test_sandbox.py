@@ -412,3 +412,15 @@ def test_a_plain_agent_is_unaffected(tmp_path: object) -> None:
 def test_errors_are_typed(vm: CoworkClient) -> None:
     with pytest.raises(CoworkError):
         vm.execute_in_vm(["no-such-command-cw"])
+
+
+def test_limits_say_plainly_which_cgroup_hierarchy_is_used(vm: CoworkClient) -> None:
+    """This host mounts cgroup v1 (limits are tested in the VM tier's v2 guest); the agent
+    must say so instead of pretending, and still run everything."""
+    limits = vm.info()["limits"]
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        assert limits == "cgroup2"
+    else:
+        assert limits.startswith("unavailable: no cgroup v2 unified hierarchy"), limits
+    r = vm.run(["true"], limits={"memory_bytes": 64 << 20, "pids": 10})
+    assert r.exit_code == 0 and not r.oom_killed

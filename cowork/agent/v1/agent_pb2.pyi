@@ -100,6 +100,7 @@ class InfoResponse(_message.Message):
     SECCOMP_FIELD_NUMBER: _builtins.int
     EGRESS_PRESET_FIELD_NUMBER: _builtins.int
     EGRESS_PROXY_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     """Version of the guest agent package (e.g. "0.1.0")."""
     protocol_version: _builtins.int
@@ -135,6 +136,10 @@ class InfoResponse(_message.Message):
     processes (e.g. "http://127.0.0.1:3128"; empty without a sandbox).
     """
     egress_proxy: _builtins.str
+    limits: _builtins.str
+    """Resource limits: "cgroup2" when every exec and Claude run gets its own
+    cgroup with memory/pids/cpu limits, else why not (e.g. "unavailable: ...").
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature names the agent supports, e.g. "process.exec", "process.pty",
@@ -178,10 +183,11 @@ class InfoResponse(_message.Message):
         seccomp: _builtins.bool = ...,
         egress_preset: _builtins.str = ...,
         egress_proxy: _builtins.str = ...,
+        limits: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claude", b"claude"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_user", b"agent_user", "agent_version", b"agent_version", "arch", b"arch", "capabilities", b"capabilities", "claude", b"claude", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "distro", b"distro", "egress_preset", b"egress_preset", "egress_proxy", b"egress_proxy", "files_unrestricted", b"files_unrestricted", "hostname", b"hostname", "identity_mode", b"identity_mode", "listeners", b"listeners", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "protocol_version", b"protocol_version", "python_version", b"python_version", "roots", b"roots", "run_as_user", b"run_as_user", "sandbox", b"sandbox", "seccomp", b"seccomp", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_user", b"agent_user", "agent_version", b"agent_version", "arch", b"arch", "capabilities", b"capabilities", "claude", b"claude", "cpus", b"cpus", "disk_free_bytes", b"disk_free_bytes", "distro", b"distro", "egress_preset", b"egress_preset", "egress_proxy", b"egress_proxy", "files_unrestricted", b"files_unrestricted", "hostname", b"hostname", "identity_mode", b"identity_mode", "limits", b"limits", "listeners", b"listeners", "memory_available_bytes", b"memory_available_bytes", "memory_total_bytes", b"memory_total_bytes", "os", b"os", "protocol_version", b"protocol_version", "python_version", b"python_version", "roots", b"roots", "run_as_user", b"run_as_user", "sandbox", b"sandbox", "seccomp", b"seccomp", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cowork.agent.v1 import process_pb2 as cowork_dot_agent_dot_v1_dot_process__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63owork/agent/v1/claude.proto\x12\x0f\x63owork.agent.v1\"\xcf\x03\n\nAskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03\x63wd\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tmax_turns\x18\x04 \x01(\r\x12\x16\n\x0emax_budget_usd\x18\x05 \x01(\x01\x12\x17\n\x0fpermission_mode\x18\x06 \x01(\t\x12\x15\n\rallowed_tools\x18\x07 \x03(\t\x12\x18\n\x10\x64isallowed_tools\x18\x08 \x03(\t\x12\x1c\n\x14\x61ppend_system_prompt\x18\t \x01(\t\x12\x0e\n\x06resume\x18\n \x01(\t\x12\x18\n\x10\x63ontinue_session\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\t\x12\x14\n\x0c\x66ork_session\x18\r \x01(\x08\x12 \n\x18include_partial_messages\x18\x0e \x01(\x08\x12\x12\n\ntimeout_ms\x18\x0f \x01(\x04\x12\x31\n\x03\x65nv\x18\x10 \x03(\x0b\x32$.cowork.agent.v1.AskRequest.EnvEntry\x12\x19\n\x11tool_result_limit\x18\x11 \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14\x43laudeVersionRequest\"\x96\x01\n\x15\x43laudeVersionResponse\x12\x11\n\tinstalled\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x13\n\x0brun_as_user\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0brun_as_home\x18\x06 \x01(\t\x12\x12\n\nagent_user\x18\x07 \x01(\t\"\xaf\x01\n\tInitEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05tools\x18\x03 \x03(\t\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x16\n\x0e\x63laude_version\x18\x05 \x01(\t\x12\x17\n\x0fpermission_mode\x18\x06 \x01(\t\x12\x16\n\x0e\x61pi_key_source\x18\x07 \x01(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x0c\n\x04json\x18\t \x01(\t\"c\n\x12\x41ssistantTextEvent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x04 \x01(\t\"k\n\x0cToolUseEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\"\x8f\x01\n\x0fToolResultEvent\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rcontent_limit\x18\x05 \x01(\r\x12\x1a\n\x12parent_tool_use_id\x18\x06 \x01(\t\"z\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x03 \x01(\x04\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x04 \x01(\x04\"\xfe\x02\n\x0bResultEvent\x12\x0f\n\x07subtype\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x11\n\tnum_turns\x18\x04 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x04\x12\x17\n\x0f\x64uration_api_ms\x18\x06 \x01(\x04\x12\x16\n\x0etotal_cost_usd\x18\x07 \x01(\x01\x12%\n\x05usage\x18\x08 \x01(\x0b\x32\x16.cowork.agent.v1.Usage\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x1f\n\x17permission_denials_json\x18\n \x03(\t\x12\x11\n\texit_code\x18\x0b \x01(\x05\x12\x18\n\x10\x61pi_error_status\x18\x0c \x01(\x05\x12\x13\n\x0bstop_reason\x18\r \x01(\t\x12\x17\n\x0fterminal_reason\x18\x0e \x01(\t\x12\x0e\n\x06\x65rrors\x18\x0f \x03(\t\x12\x0e\n\x06signal\x18\x10 \x01(\x05\x12\x0c\n\x04json\x18\x11 \x01(\t\"9\n\x08RawEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"(\n\x08LogEvent\x12\x0c\n\x04line\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\"{\n\nErrorEvent\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x11\n\tcancelled\x18\x05 \x01(\x08\x12\x13\n\x0bstderr_tail\x18\x06 \x01(\t\"\x9c\x03\n\x08\x41skEvent\x12*\n\x04init\x18\x01 \x01(\x0b\x32\x1a.cowork.agent.v1.InitEventH\x00\x12=\n\x0e\x61ssistant_text\x18\x02 \x01(\x0b\x32#.cowork.agent.v1.AssistantTextEventH\x00\x12\x31\n\x08tool_use\x18\x03 \x01(\x0b\x32\x1d.cowork.agent.v1.ToolUseEventH\x00\x12\x37\n\x0btool_result\x18\x04 \x01(\x0b\x32 .cowork.agent.v1.ToolResultEventH\x00\x12.\n\x06result\x18\x05 \x01(\x0b\x32\x1c.cowork.agent.v1.ResultEventH\x00\x12(\n\x03raw\x18\x06 \x01(\x0b\x32\x19.cowork.agent.v1.RawEventH\x00\x12(\n\x03log\x18\x07 \x01(\x0b\x32\x19.cowork.agent.v1.LogEventH\x00\x12,\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1b.cowork.agent.v1.ErrorEventH\x00\x42\x07\n\x05\x65vent2\xa3\x01\n\x06\x43laude\x12?\n\x03\x41sk\x12\x1b.cowork.agent.v1.AskRequest\x1a\x19.cowork.agent.v1.AskEvent0\x01\x12X\n\x07Version\x12%.cowork.agent.v1.ClaudeVersionRequest\x1a&.cowork.agent.v1.ClaudeVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63owork/agent/v1/claude.proto\x12\x0f\x63owork.agent.v1\x1a\x1d\x63owork/agent/v1/process.proto\"\x80\x04\n\nAskRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0b\n\x03\x63wd\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tmax_turns\x18\x04 \x01(\r\x12\x16\n\x0emax_budget_usd\x18\x05 \x01(\x01\x12\x17\n\x0fpermission_mode\x18\x06 \x01(\t\x12\x15\n\rallowed_tools\x18\x07 \x03(\t\x12\x18\n\x10\x64isallowed_tools\x18\x08 \x03(\t\x12\x1c\n\x14\x61ppend_system_prompt\x18\t \x01(\t\x12\x0e\n\x06resume\x18\n \x01(\t\x12\x18\n\x10\x63ontinue_session\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\t\x12\x14\n\x0c\x66ork_session\x18\r \x01(\x08\x12 \n\x18include_partial_messages\x18\x0e \x01(\x08\x12\x12\n\ntimeout_ms\x18\x0f \x01(\x04\x12\x31\n\x03\x65nv\x18\x10 \x03(\x0b\x32$.cowork.agent.v1.AskRequest.EnvEntry\x12\x19\n\x11tool_result_limit\x18\x11 \x01(\r\x12/\n\x06limits\x18\x12 \x01(\x0b\x32\x1f.cowork.agent.v1.ResourceLimits\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x16\n\x14\x43laudeVersionRequest\"\x96\x01\n\x15\x43laudeVersionResponse\x12\x11\n\tinstalled\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x13\n\x0brun_as_user\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0brun_as_home\x18\x06 \x01(\t\x12\x12\n\nagent_user\x18\x07 \x01(\t\"\xaf\x01\n\tInitEvent\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05tools\x18\x03 \x03(\t\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x16\n\x0e\x63laude_version\x18\x05 \x01(\t\x12\x17\n\x0fpermission_mode\x18\x06 \x01(\t\x12\x16\n\x0e\x61pi_key_source\x18\x07 \x01(\t\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x0c\n\x04json\x18\t \x01(\t\"c\n\x12\x41ssistantTextEvent\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07partial\x18\x02 \x01(\x08\x12\x12\n\nmessage_id\x18\x03 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x04 \x01(\t\"k\n\x0cToolUseEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x04 \x01(\t\x12\x11\n\ttruncated\x18\x05 \x01(\x08\"\x8f\x01\n\x0fToolResultEvent\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rcontent_limit\x18\x05 \x01(\r\x12\x1a\n\x12parent_tool_use_id\x18\x06 \x01(\t\"z\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x15\n\routput_tokens\x18\x02 \x01(\x04\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x03 \x01(\x04\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x04 \x01(\x04\"\xfe\x02\n\x0bResultEvent\x12\x0f\n\x07subtype\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x0e\n\x06result\x18\x03 \x01(\t\x12\x11\n\tnum_turns\x18\x04 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x04\x12\x17\n\x0f\x64uration_api_ms\x18\x06 \x01(\x04\x12\x16\n\x0etotal_cost_usd\x18\x07 \x01(\x01\x12%\n\x05usage\x18\x08 \x01(\x0b\x32\x16.cowork.agent.v1.Usage\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x1f\n\x17permission_denials_json\x18\n \x03(\t\x12\x11\n\texit_code\x18\x0b \x01(\x05\x12\x18\n\x10\x61pi_error_status\x18\x0c \x01(\x05\x12\x13\n\x0bstop_reason\x18\r \x01(\t\x12\x17\n\x0fterminal_reason\x18\x0e \x01(\t\x12\x0e\n\x06\x65rrors\x18\x0f \x03(\t\x12\x0e\n\x06signal\x18\x10 \x01(\x05\x12\x0c\n\x04json\x18\x11 \x01(\t\"9\n\x08RawEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04json\x18\x02 \x01(\t\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"(\n\x08LogEvent\x12\x0c\n\x04line\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\"\x8f\x01\n\nErrorEvent\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06signal\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x11\n\tcancelled\x18\x05 \x01(\x08\x12\x13\n\x0bstderr_tail\x18\x06 \x01(\t\x12\x12\n\noom_killed\x18\x07 \x01(\x08\"\x9c\x03\n\x08\x41skEvent\x12*\n\x04init\x18\x01 \x01(\x0b\x32\x1a.cowork.agent.v1.InitEventH\x00\x12=\n\x0e\x61ssistant_text\x18\x02 \x01(\x0b\x32#.cowork.agent.v1.AssistantTextEventH\x00\x12\x31\n\x08tool_use\x18\x03 \x01(\x0b\x32\x1d.cowork.agent.v1.ToolUseEventH\x00\x12\x37\n\x0btool_result\x18\x04 \x01(\x0b\x32 .cowork.agent.v1.ToolResultEventH\x00\x12.\n\x06result\x18\x05 \x01(\x0b\x32\x1c.cowork.agent.v1.ResultEventH\x00\x12(\n\x03raw\x18\x06 \x01(\x0b\x32\x19.cowork.agent.v1.RawEventH\x00\x12(\n\x03log\x18\x07 \x01(\x0b\x32\x19.cowork.agent.v1.LogEventH\x00\x12,\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1b.cowork.agent.v1.ErrorEventH\x00\x42\x07\n\x05\x65vent2\xa3\x01\n\x06\x43laude\x12?\n\x03\x41sk\x12\x1b.cowork.agent.v1.AskRequest\x1a\x19.cowork.agent.v1.AskEvent0\x01\x12X\n\x07Version\x12%.cowork.agent.v1.ClaudeVersionRequest\x1a&.cowork.agent.v1.ClaudeVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ASKREQUEST_ENVENTRY']._loaded_options = None
   _globals['_ASKREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_ASKREQUEST']._serialized_start=50
-  _globals['_ASKREQUEST']._serialized_end=513
-  _globals['_ASKREQUEST_ENVENTRY']._serialized_start=471
-  _globals['_ASKREQUEST_ENVENTRY']._serialized_end=513
-  _globals['_CLAUDEVERSIONREQUEST']._serialized_start=515
-  _globals['_CLAUDEVERSIONREQUEST']._serialized_end=537
-  _globals['_CLAUDEVERSIONRESPONSE']._serialized_start=540
-  _globals['_CLAUDEVERSIONRESPONSE']._serialized_end=690
-  _globals['_INITEVENT']._serialized_start=693
-  _globals['_INITEVENT']._serialized_end=868
-  _globals['_ASSISTANTTEXTEVENT']._serialized_start=870
-  _globals['_ASSISTANTTEXTEVENT']._serialized_end=969
-  _globals['_TOOLUSEEVENT']._serialized_start=971
-  _globals['_TOOLUSEEVENT']._serialized_end=1078
-  _globals['_TOOLRESULTEVENT']._serialized_start=1081
-  _globals['_TOOLRESULTEVENT']._serialized_end=1224
-  _globals['_USAGE']._serialized_start=1226
-  _globals['_USAGE']._serialized_end=1348
-  _globals['_RESULTEVENT']._serialized_start=1351
-  _globals['_RESULTEVENT']._serialized_end=1733
-  _globals['_RAWEVENT']._serialized_start=1735
-  _globals['_RAWEVENT']._serialized_end=1792
-  _globals['_LOGEVENT']._serialized_start=1794
-  _globals['_LOGEVENT']._serialized_end=1834
-  _globals['_ERROREVENT']._serialized_start=1836
-  _globals['_ERROREVENT']._serialized_end=1959
-  _globals['_ASKEVENT']._serialized_start=1962
-  _globals['_ASKEVENT']._serialized_end=2374
-  _globals['_CLAUDE']._serialized_start=2377
-  _globals['_CLAUDE']._serialized_end=2540
+  _globals['_ASKREQUEST']._serialized_start=81
+  _globals['_ASKREQUEST']._serialized_end=593
+  _globals['_ASKREQUEST_ENVENTRY']._serialized_start=551
+  _globals['_ASKREQUEST_ENVENTRY']._serialized_end=593
+  _globals['_CLAUDEVERSIONREQUEST']._serialized_start=595
+  _globals['_CLAUDEVERSIONREQUEST']._serialized_end=617
+  _globals['_CLAUDEVERSIONRESPONSE']._serialized_start=620
+  _globals['_CLAUDEVERSIONRESPONSE']._serialized_end=770
+  _globals['_INITEVENT']._serialized_start=773
+  _globals['_INITEVENT']._serialized_end=948
+  _globals['_ASSISTANTTEXTEVENT']._serialized_start=950
+  _globals['_ASSISTANTTEXTEVENT']._serialized_end=1049
+  _globals['_TOOLUSEEVENT']._serialized_start=1051
+  _globals['_TOOLUSEEVENT']._serialized_end=1158
+  _globals['_TOOLRESULTEVENT']._serialized_start=1161
+  _globals['_TOOLRESULTEVENT']._serialized_end=1304
+  _globals['_USAGE']._serialized_start=1306
+  _globals['_USAGE']._serialized_end=1428
+  _globals['_RESULTEVENT']._serialized_start=1431
+  _globals['_RESULTEVENT']._serialized_end=1813
+  _globals['_RAWEVENT']._serialized_start=1815
+  _globals['_RAWEVENT']._serialized_end=1872
+  _globals['_LOGEVENT']._serialized_start=1874
+  _globals['_LOGEVENT']._serialized_end=1914
+  _globals['_ERROREVENT']._serialized_start=1917
+  _globals['_ERROREVENT']._serialized_end=2060
+  _globals['_ASKEVENT']._serialized_start=2063
+  _globals['_ASKEVENT']._serialized_end=2475
+  _globals['_CLAUDE']._serialized_start=2478
+  _globals['_CLAUDE']._serialized_end=2641
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ SIGTERM, then SIGKILL to the group).
 """
 
 from collections import abc as _abc
+from cowork.agent.v1 import process_pb2 as _process_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -65,6 +66,7 @@ class AskRequest(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_LIMIT_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     cwd: _builtins.str
     """Working directory; empty = the first workspace root."""
@@ -98,6 +100,10 @@ class AskRequest(_message.Message):
         the audit line lists only the variable names.
         """
 
+    @_builtins.property
+    def limits(self) -> _process_pb2.ResourceLimits:
+        """Resource limits for the run (cgroup v2), capped by the policy's maximum."""
+
     def __init__(
         self,
         *,
@@ -118,10 +124,11 @@ class AskRequest(_message.Message):
         timeout_ms: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         tool_result_limit: _builtins.int = ...,
+        limits: _process_pb2.ResourceLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "limits", b"limits", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,12 +525,15 @@ class ErrorEvent(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     STDERR_TAIL_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     exit_code: _builtins.int
     signal: _builtins.int
     timed_out: _builtins.bool
     cancelled: _builtins.bool
     stderr_tail: _builtins.str
+    oom_killed: _builtins.bool
+    """The run went past its memory limit and the kernel's OOM killer ended it."""
     def __init__(
         self,
         *,
@@ -533,10 +543,11 @@ class ErrorEvent(_message.Message):
         timed_out: _builtins.bool = ...,
         cancelled: _builtins.bool = ...,
         stderr_tail: _builtins.str = ...,
+        oom_killed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "exit_code", b"exit_code", "message", b"message", "signal", b"signal", "stderr_tail", b"stderr_tail", "timed_out", b"timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "exit_code", b"exit_code", "message", b"message", "oom_killed", b"oom_killed", "signal", b"signal", "stderr_tail", b"stderr_tail", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

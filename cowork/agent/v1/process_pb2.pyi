@@ -61,6 +61,7 @@ class ProcessSpec(_message.Message):
     TERM_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     STDIN_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     shell: _builtins.str
     """A shell command line run as `/bin/sh -c <shell>`."""
     clear_env: _builtins.bool
@@ -92,6 +93,12 @@ class ProcessSpec(_message.Message):
         (or over an empty one when clear_env is set).
         """
 
+    @_builtins.property
+    def limits(self) -> Global___ResourceLimits:
+        """Resource limits for this process (cgroup v2), each capped by the policy's
+        `limits.max`; unset fields take the policy's `limits` defaults.
+        """
+
     def __init__(
         self,
         *,
@@ -106,14 +113,45 @@ class ProcessSpec(_message.Message):
         term: _builtins.str = ...,
         timeout_ms: _builtins.int = ...,
         stdin: _builtins.bool = ...,
+        limits: Global___ResourceLimits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "env", b"env", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProcessSpec: _TypeAlias = ProcessSpec  # noqa: Y015
+
+@_typing.final
+class ResourceLimits(_message.Message):
+    """ResourceLimits of one process tree (0 = the policy default)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    memory_bytes: _builtins.int
+    """memory.max in bytes (the tree is OOM-killed as a whole beyond it)."""
+    pids: _builtins.int
+    """pids.max: processes and threads the tree may have at once."""
+    cpus: _builtins.float
+    """cpu.max as a number of CPUs (e.g. 1.5)."""
+    def __init__(
+        self,
+        *,
+        memory_bytes: _builtins.int = ...,
+        pids: _builtins.int = ...,
+        cpus: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "memory_bytes", b"memory_bytes", "pids", b"pids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResourceLimits: _TypeAlias = ResourceLimits  # noqa: Y015
 
 @_typing.final
 class TerminalSize(_message.Message):
@@ -208,6 +246,7 @@ class Exit(_message.Message):
     SIGNAL_FIELD_NUMBER: _builtins.int
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """Exit code when the process exited normally; -1 when killed by a signal."""
     signal: _builtins.int
@@ -216,6 +255,10 @@ class Exit(_message.Message):
     """True when the agent killed the process because timeout_ms passed."""
     duration_ms: _builtins.float
     """Wall time from spawn to reap, in milliseconds."""
+    oom_killed: _builtins.bool
+    """True when the kernel's OOM killer ended the process tree because it went
+    past its memory limit (the code/signal then say how it died: SIGKILL).
+    """
     def __init__(
         self,
         *,
@@ -223,10 +266,11 @@ class Exit(_message.Message):
         signal: _builtins.int = ...,
         timed_out: _builtins.bool = ...,
         duration_ms: _builtins.float = ...,
+        oom_killed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "duration_ms", b"duration_ms", "signal", b"signal", "timed_out", b"timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "duration_ms", b"duration_ms", "oom_killed", b"oom_killed", "signal", b"signal", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,111 @@
+"""The second wall in a real guest (Debian 12, cgroup v2, systemd), as provisioning sets it up.
+
+lima/provision/agent.sh created the sandbox user and a policy with `sandbox:
+bwrap`; the unit delegates its cgroup, so each run gets memory/pids/cpu limits.
+These are the escapes a workload would try, from inside, over virtio-vsock.
+"""
+
+from __future__ import annotations
+
+import time
+
+from host_client import CoworkClient
+from tests.vm.conftest import record
+from tests.vm.harness import VM
+
+
+def test_guest_agent_runs_work_sandboxed_as_the_sandbox_user(vclient: CoworkClient) -> None:
+    info = vclient.info()
+    assert info["agent_user"] == "root"
+    assert info["identity_mode"] == "user" and info["run_as_user"].startswith("cowork-")
+    assert info["sandbox"] == "bwrap" and info["seccomp"] is True
+    assert info["limits"] == "cgroup2"  # a cgroup v2 guest: the limits below are real
+    r = vclient.execute_in_vm("id -un; grep ^Seccomp: /proc/self/status; cat /proc/self/cgroup")
+    user, _, mode, cgroup = r.output.split()
+    assert user == info["run_as_user"] and mode == "2"
+    assert cgroup == "0::/"  # its own cgroup namespace, rooted at the run's cgroup
+
+
+def test_guest_secrets_and_agent_are_out_of_reach(vclient: CoworkClient) -> None:
+    r = vclient.execute_in_vm("cat /etc/cowork/token")
+    assert r.exit_code != 0 and "No such file" in r.error
+    r = vclient.execute_in_vm(
+        'python3 -c "import socket; s=socket.socket(socket.AF_UNIX); '
+        "s.connect('/run/cowork/agent.sock')\""
+    )
+    assert r.exit_code != 0
+    r = vclient.execute_in_vm("ps -eo args")
+    assert "cowork-agent" not in r.output and "guest_agent" not in r.output
+    r = vclient.execute_in_vm("echo x > /etc/escape; echo x > /opt/escape")
+    assert r.exit_code != 0 and "Read-only file system" in r.error
+    r = vclient.execute_in_vm("sudo -n true")
+    assert r.exit_code != 0
+
+
+def test_guest_fork_bomb_is_stopped_by_pids_max(vclient: CoworkClient) -> None:
+    # 200 background sleeps against pids.max=40: forks beyond the limit fail.
+    script = (
+        "fails=0; for i in $(seq 200); do sleep 30 & [ $? -eq 0 ] || fails=$((fails+1)); done "
+        "2>/dev/null; echo running=$(jobs -p | wc -l)"
+    )
+    r = vclient.run(["bash", "-c", script], limits={"pids": 40}, timeout=60)
+    assert r.exit_code == 0, r.error
+    running = int(r.output.strip().split("=")[1])
+    assert running < 40, r.output
+    # A real fork bomb: contained, stopped by the timeout, and the agent keeps serving.
+    t0 = time.monotonic()
+    bomb = vclient.run(["bash", "-c", ":(){ :|:& };:; sleep 60"], limits={"pids": 64}, timeout=5)
+    assert bomb.timed_out
+    record("fork_bomb_contained_s", round(time.monotonic() - t0, 1))
+    assert vclient.execute_in_vm("echo alive").output == "alive\n"
+
+
+def test_guest_memory_hog_is_oom_killed_and_reported(vclient: CoworkClient) -> None:
+    hog = "b = bytearray(1 << 20)\nkeep = []\nwhile True:\n    keep.append(bytearray(8 << 20))\n"
+    r = vclient.run(["python3", "-c", hog], limits={"memory_bytes": 96 << 20}, timeout=120)
+    assert r.oom_killed, (r.exit_code, r.error)
+    assert r.exit_code == 128 + 9
+    # The agent survived and serves the next call at once.
+    assert vclient.info()["agent_version"]
+    assert vclient.execute_in_vm("echo alive").output == "alive\n"
+
+
+RUNS = "/sys/fs/cgroup/system.slice/cowork-agent.service/runs"
+
+
+def _limit_of_a_running_exec(vm: VM, vclient: CoworkClient, **limits: float) -> str:
+    """pids.max of the cgroup the agent made for a running exec, read from the guest's root."""
+    stream = vclient.exec(["sleep", "30"], limits=limits or None, interactive=True)
+    events = iter(stream)
+    next(events)  # Started: the process is in its cgroup before it runs
+    try:
+        newest = f"$(ls -d {RUNS}/run-* | sort -t- -k3 -n | tail -n1)"
+        return vm.ssh(f'cat "{newest}/pids.max"').stdout.decode().strip()
+    finally:
+        stream.cancel()
+        del events
+
+
+def test_guest_limits_default_and_are_capped_by_the_policy_maximum(
+    vm: VM, vclient: CoworkClient
+) -> None:
+    assert _limit_of_a_running_exec(vm, vclient) == "4096"  # the provisioned default
+    # Asking for more than the policy's max gets the max.
+    assert _limit_of_a_running_exec(vm, vclient, pids=10_000_000) == "16384"
+    assert _limit_of_a_running_exec(vm, vclient, pids=100) == "100"
+
+
+def test_guest_egress_is_refused_without_an_allowlisted_name(vm: VM, vclient: CoworkClient) -> None:
+    probe = (
+        "import urllib.request, urllib.error\n"
+        "try:\n"
+        "    urllib.request.urlopen('http://example.invalid/', timeout=10)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.read().decode())\n"
+    )
+    r = vclient.run(["python3", "-c", probe], timeout=60)
+    assert r.output.startswith("403") and "cowork egress policy" in r.output
+    r = vclient.execute_in_vm("cat /proc/net/dev | tail -n +3 | cut -d: -f1")
+    assert r.output.split() == ["lo"]
+    log = vm.ssh("cat /var/log/cowork/egress.jsonl").stdout.decode()
+    assert "example.invalid" in log
