@@ -506,7 +506,7 @@ def _spawn(
         for fd in (r_out, r_err, w_in):
             os.close(fd)
         if launch is not None:
-            launch.close_parent_fds()
+            launch.abandon()
         if isinstance(exc, FileNotFoundError):
             raise not_found(f"claude not found: {argv[0]}") from None
         if isinstance(exc, PermissionError):

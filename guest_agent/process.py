@@ -348,28 +348,19 @@ def spawn(
             os.set_inheritable(master, False)
             # Not a group leader, so setsid(1) calls setsid() itself without
             # forking: the pid we get is the session's (and the job's) pid.
-            if launch is not None:  # setsid --ctty is inside the launch (inside the box)
-                popen = subprocess.Popen(
-                    launch.argv,
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    cwd=cwd,
-                    env=env,
-                    close_fds=True,
-                    pass_fds=launch.pass_fds,
-                    start_new_session=launch.info_r is not None,
-                )
-            else:
-                popen = subprocess.Popen(
-                    [_setsid_ctty(), "--ctty", exe, *argv[1:]],
-                    stdin=slave,
-                    stdout=slave,
-                    stderr=slave,
-                    cwd=cwd,
-                    env=env,
-                    close_fds=True,
-                )
+            # Wrapped (user switch, cgroup, box), setsid --ctty is part of the launch.
+            popen = subprocess.Popen(
+                launch.argv if launch is not None else [_setsid_ctty(), "--ctty", exe, *argv[1:]],
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=env,
+                close_fds=True,
+                pass_fds=launch.pass_fds if launch is not None else (),
+                # A box's bwrap leads a session of its own; setsid --ctty runs inside it.
+                start_new_session=launch is not None and launch.info_r is not None,
+            )
             stdin_fd: int | None = master
             out_fds = [("stdout", master)]
             _set_nonblocking(master)
@@ -402,25 +393,17 @@ def spawn(
             out_fds = [("stdout", r_out), ("stderr", r_err)]
             for fd in parent_fds:
                 _set_nonblocking(fd)
-    except FileNotFoundError:
-        for fd in parent_fds + ([master] if master is not None else []):
-            os.close(fd)
-        if launch is not None:
-            launch.close_parent_fds()
-        raise not_found(f"command not found: {argv[0]}") from None
-    except PermissionError:
-        for fd in parent_fds + ([master] if master is not None else []):
-            os.close(fd)
-        if launch is not None:
-            launch.close_parent_fds()
-        raise AgentError(
-            grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
-        ) from None
     except OSError as exc:
         for fd in parent_fds + ([master] if master is not None else []):
             os.close(fd)
         if launch is not None:
-            launch.close_parent_fds()
+            launch.abandon()
+        if isinstance(exc, FileNotFoundError):
+            raise not_found(f"command not found: {argv[0]}") from None
+        if isinstance(exc, PermissionError):
+            raise AgentError(
+                grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
+            ) from None
         raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start {argv[0]}: {exc}") from None
     finally:
         for fd in child_fds:

@@ -165,6 +165,13 @@ class Launch:
                 pass
         self.child_fds = []
 
+    def abandon(self) -> None:
+        """The child never started: release the parent's ends and the run's cgroup."""
+        self.close_parent_fds()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
+
     def close_parent_fds(self) -> None:
         for fd in (self.info_r, self.block_w):
             if fd is not None:

@@ -95,3 +95,18 @@ def test_ratios_and_targets_well_formed(tiny_run: Path) -> None:
     meta = res["meta"]
     assert len(meta["loadavg_start"]) == 3 and len(meta["loadavg_end"]) == 3
     assert meta["versions"]["grpcio"] and meta["machine"]["cpus"]
+
+
+def test_sandbox_latency_script_measures_all_three_paths() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.sandbox_latency", "--calls", "5", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    for path in ("root", "user", "bwrap"):
+        assert res[path]["p50_ms"] > 0
+    assert "bwrap_adds_p50_ms" in res
