@@ -100,7 +100,7 @@ class Policy:
         return text
 
     def with_allowed(self, domain: str) -> Policy:
-        DomainPolicy.validate_pattern(domain)
+        domain = DomainPolicy.validate_pattern(domain)
         return replace(
             self,
             allow=tuple(dict.fromkeys((*self.allow, domain))),
@@ -108,7 +108,7 @@ class Policy:
         )
 
     def with_denied(self, domain: str) -> Policy:
-        DomainPolicy.validate_pattern(domain)
+        domain = DomainPolicy.validate_pattern(domain)
         return replace(
             self,
             deny=tuple(dict.fromkeys((*self.deny, domain))),
@@ -183,10 +183,9 @@ def _domains(obj: Any, key: str) -> tuple[str, ...]:
         if not isinstance(d, str):
             raise PolicyError(f"policy: {key}[{i}] must be a domain name, not {d!r}")
         try:
-            DomainPolicy.validate_pattern(d)
+            out.append(DomainPolicy.validate_pattern(d))
         except ValueError as exc:
             raise PolicyError(f"policy: {key}[{i}]: {exc}") from None
-        out.append(d.strip().lower().rstrip("."))
     return tuple(out)
 
 

@@ -109,9 +109,9 @@ class PolicyService(pb_grpc.PolicyServicer):
             if kind == "yaml":
                 new = pol.parse(request.yaml)
             elif kind == "allow_domain":
-                new = cur.with_allowed(request.allow_domain.strip().lower())
+                new = cur.with_allowed(request.allow_domain)
             elif kind == "deny_domain":
-                new = cur.with_denied(request.deny_domain.strip().lower())
+                new = cur.with_denied(request.deny_domain)
             elif kind == "preset":
                 new = cur.with_preset(request.preset)
             else:

@@ -219,34 +219,28 @@ def _setns_listener(ns_path: str) -> socket.socket:
     """A TCP listener on 127.0.0.1:PROXY_PORT created inside the network namespace `ns_path`.
 
     setns(CLONE_NEWNET) changes only the calling thread, and a socket keeps the
-    namespace it was created in, so a short-lived thread does the switch.
+    namespace it was created in, so a fresh thread switches and then simply ends
+    (nothing needs switching back). The join takes well under a millisecond.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
     result: dict[str, Any] = {}
 
     def work() -> None:
-        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(ns_path, os.O_RDONLY)
         try:
-            if libc.setns(target, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
+            target = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: lo may not be up yet
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", PROXY_PORT))
-                s.listen(64)
-                s.setblocking(False)
-                result["sock"] = s
+                if _libc().setns(target, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
             finally:
-                if libc.setns(own, CLONE_NEWNET) != 0:  # never leave a thread behind in the box
-                    result["fatal"] = True
+                os.close(target)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: lo may not be up yet
+            s.bind(("127.0.0.1", PROXY_PORT))
+            s.listen(64)
+            s.setblocking(False)
+            result["sock"] = s
         except BaseException as exc:
             result["error"] = exc
-        finally:
-            os.close(target)
-            os.close(own)
 
     t = threading.Thread(target=work, name="cowork-netns")
     t.start()
@@ -255,6 +249,16 @@ def _setns_listener(ns_path: str) -> socket.socket:
         raise result["error"]
     sock: socket.socket = result["sock"]
     return sock
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
 
 
 @dataclass
