@@ -174,3 +174,25 @@ def test_local_up_exec_down(local_state: dict[str, str]) -> None:
         down = ctl(None, "local", "down", env=local_state)
     assert down.returncode == 0
     assert ctl(None, "local", "status", env=local_state).returncode == 1
+
+
+def test_exec_ends_cleanly_while_its_stdin_is_still_open(agent: AgentProc) -> None:
+    """The remote command exits before our stdin ends (a pipe nobody closes): coworkctl must
+    exit with the remote code, not abort at shutdown with the stdin reader still blocked."""
+    base = [sys.executable, "-m", "host_client.cli", "--target", agent.target]
+    base += ["--token-file", str(agent.token_file), "exec", "--", "sh", "-c", "exit 3"]
+    for _ in range(25):
+        p = subprocess.Popen(
+            base, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            code = p.wait(60)
+            err = p.stderr.read() if p.stderr else b""
+        finally:
+            if p.stdin:
+                p.stdin.close()
+            for s in (p.stdout, p.stderr):
+                if s:
+                    s.close()
+        assert code == 3, err.decode()
+        assert b"Fatal Python error" not in err

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from .common import CliError, fail, make_client
@@ -113,12 +114,28 @@ def cmd_exec(args: argparse.Namespace) -> int:
         client.close()
 
 
+def raw_stdin(chunk: int = 65536) -> Iterator[bytes]:
+    """Our stdin, read with os.read on the fd.
+
+    Not sys.stdin.buffer: gRPC reads the request iterator on a daemon thread,
+    and one still blocked in a BufferedReader (holding its lock) when the
+    command ends made the interpreter abort at shutdown ("could not acquire
+    lock for <stdin>", SIGABRT) in about 1 run in 150. A raw read holds no lock.
+    """
+    fd = sys.stdin.fileno()
+    while True:
+        data = os.read(fd, chunk)
+        if not data:
+            return
+        yield data
+
+
 def _exec_pipes(client: Any, argv: list[str], env: dict[str, str], args: argparse.Namespace) -> int:
     from ..models import Exited, Output
 
     stdin: Any = None
     if args.interactive or not sys.stdin.isatty():
-        stdin = sys.stdin.buffer
+        stdin = raw_stdin()
     stream = client.exec(
         argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits_arg(args)
     )

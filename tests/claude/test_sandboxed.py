@@ -97,3 +97,22 @@ def test_offline_preset_blocks_the_sandboxed_claude_with_a_clear_error(
     denied = [r for r in log if r["host"] == API_NAME and not r["allowed"]]
     assert denied, log
     assert not api.conversation_requests()
+
+
+def test_coworkctl_claude_and_exec_tty_work_inside_the_box(boxed_claude: ClaudeAgent) -> None:
+    import os
+    import sys
+
+    from tests.claude.conftest import CLAUDE_VERSION
+    from tests.claude.test_claude import run_on_pty
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "COWORK_"))}
+    env["TERM"] = "xterm"
+    base = [sys.executable, "-m", "host_client.cli", "--target", boxed_claude.target]
+    base += ["--token-file", str(boxed_claude.token_file)]
+    code, out = run_on_pty([*base, "claude", "--", "--version"], env)
+    assert code == 0 and CLAUDE_VERSION in out, out
+    probe = "id -un; test -t 0 && echo on-a-tty; grep ^Seccomp: /proc/self/status; exit 5"
+    code, out = run_on_pty([*base, "exec", "-t", "--", "sh", "-c", probe], env)
+    assert code == 5, out
+    assert str(boxed_claude.run_as) in out and "on-a-tty" in out and "Seccomp:\t2" in out
