@@ -426,10 +426,9 @@ class CoworkClient:
         digest = hashlib.sha256()
         n = 0
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f, _Sink(f, digest) as sink:
                 for chunk in chunks:
-                    f.write(chunk)
-                    digest.update(chunk)
+                    sink.put(chunk)
                     n += len(chunk)
                     if progress is not None:
                         progress(len(chunk))
@@ -468,6 +467,49 @@ class CoworkClient:
         from .claude import claude_version
 
         return claude_version(self)
+
+
+class _Sink:
+    """Hash and write downloaded chunks on a second thread, bounded, while gRPC reads the next.
+
+    Receiving, hashing and writing one after the other ran at ~320 MB/s where
+    receiving alone does ~730 MB/s; sha256 and file writes release the GIL, so
+    overlapping them with the receive loop uses the second core.
+    """
+
+    def __init__(self, f: Any, digest: Any, depth: int = 8) -> None:
+        self._f = f
+        self._digest = digest
+        self._q: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cowork-download", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._q.get()
+            if chunk is None:
+                return
+            if self._error is None:
+                try:
+                    self._f.write(chunk)
+                    self._digest.update(chunk)
+                except BaseException as exc:  # reported to the receiving thread
+                    self._error = exc
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(chunk)
+
+    def __enter__(self) -> _Sink:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
 
 
 class ExecStream:

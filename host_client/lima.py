@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cowork import defaults
 
 from .errors import CoworkError
@@ -382,15 +380,22 @@ class _Literal(str):
     """A string YAML dumps in literal block style (scripts, base64)."""
 
 
-def _literal_representer(dumper: yaml.SafeDumper, data: _Literal) -> yaml.Node:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", str(data), style="|")
+def _dumper() -> Any:
+    """A SafeDumper that writes _Literal strings as literal blocks.
 
+    Built on first use: yaml costs ~12 ms to import, and every coworkctl
+    command imports this module (lima_cmd registers its options from it).
+    """
+    import yaml
 
-class _Dumper(yaml.SafeDumper):
-    pass
+    def literal(dumper: yaml.SafeDumper, data: _Literal) -> yaml.Node:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", str(data), style="|")
 
+    class Dumper(yaml.SafeDumper):
+        pass
 
-_Dumper.add_representer(_Literal, _literal_representer)
+    Dumper.add_representer(_Literal, literal)
+    return Dumper
 
 
 def render_template(
@@ -407,6 +412,8 @@ def render_template(
     """
     opts.validate()
     lima_dir = lima_dir or template_dir()
+    import yaml
+
     doc = yaml.safe_load((lima_dir / "cowork.yaml").read_text())
     if not isinstance(doc, dict):
         raise LimaError(f"{lima_dir / 'cowork.yaml'} is not a YAML mapping")
@@ -450,7 +457,7 @@ def render_template(
         )
     doc["provision"] = data + provision
     header = "# Rendered by coworkctl init from lima/cowork.yaml; do not edit.\n"
-    return header + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=1000)
+    return header + yaml.dump(doc, Dumper=_dumper(), sort_keys=False, width=1000)
 
 
 # -- the wheel ------------------------------------------------------------------------
