@@ -98,11 +98,21 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(entry: dict[str, Any]) -> str:
+    """The entry's epoch seconds as UTC ISO time (what a person reads in a log)."""
+    import time
+
+    ts = entry.get("ts")
+    if not isinstance(ts, (int, float)):
+        return str(ts or "")
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
 def _line(entry: dict[str, Any], net: bool) -> str:
     if net:
         verdict = "allow" if entry.get("allowed") else "DENY "
         return (
-            f"{entry.get('ts', '')} {verdict} {entry.get('method', '')} "
+            f"{_when(entry)} {verdict} {entry.get('method', '')} "
             f"{entry.get('host', '')}:{entry.get('port', '')} "
             f"up={entry.get('bytes_up', 0)} down={entry.get('bytes_down', 0)} "
             f"{entry.get('duration_ms', 0)}ms {entry.get('reason', '')}"
@@ -110,7 +120,7 @@ def _line(entry: dict[str, Any], net: bool) -> str:
     what = entry.get("argv") or entry.get("path") or ""
     extra = f" exit={entry['exit_code']}" if "exit_code" in entry else ""
     return (
-        f"{entry.get('ts', '')} {entry.get('method', '')} {entry.get('code', '')} "
+        f"{_when(entry)} {entry.get('method', '')} {entry.get('code', '')} "
         f"{entry.get('duration_ms', '')}ms {what}{extra}"
     ).rstrip()
 
