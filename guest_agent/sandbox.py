@@ -274,6 +274,9 @@ class Sandbox:
     # cgroup v2 limits: the agent's subtree, and the policy's (defaults, ceiling).
     cgroups: Cgroups | None = None
     limits: Callable[[], tuple[Limits, Limits]] | None = None
+    # Directories the box must see read-only even under a hidden or private path
+    # (the Claude CLI the agent runs, wherever it was installed).
+    read_only: list[str] = field(default_factory=list)
 
     def effective_limits(self, asked: Limits | None) -> Limits:
         """What a run gets: what it asked for (else the policy default), capped by the maximum."""
@@ -371,6 +374,7 @@ class Sandbox:
         if self.identity.mode == "user":
             binds.append(("--bind" if os.path.isdir(user.home) else "--tmpfs", user.home))
         binds += [("--bind", root) for root in self.roots]
+        binds += [("--ro-bind", path) for path in self.read_only if os.path.isdir(path)]
         for how, path in binds:
             # Parents created inside a tmpfs must be traversable by the user.
             for parent in _ancestors(path):
@@ -433,6 +437,16 @@ class Sandbox:
         finally:
             launch.close_parent_fds()
         return box
+
+
+def install_dir(exe: str) -> str:
+    """The directory an executable needs whole: an npm prefix's node_modules, else its own."""
+    real = os.path.realpath(exe)
+    for candidate in (os.path.abspath(exe), real):
+        head, sep, _ = candidate.partition("/node_modules/")
+        if sep:
+            return head + "/node_modules"
+    return os.path.dirname(real)
 
 
 def _under_any(path: str, dirs: list[str]) -> bool:

@@ -37,7 +37,7 @@ from .paths import PathPolicy
 from .policy_service import AuditRing, PolicyService, PolicyStore
 from .process import ProcessService
 from .rpc import AgentInterceptor
-from .sandbox import PROXY_URL, Sandbox, resolve_identity
+from .sandbox import PROXY_URL, Sandbox, install_dir, resolve_identity
 
 log = logging.getLogger("cowork.agent")
 
@@ -90,6 +90,7 @@ class AgentServer:
             proxy_handler=self.egress.handle,
             cgroups=Cgroups.setup() if cfg.limits else Cgroups(None, "disabled (--no-limits)"),
             limits=lambda: (self.policy.current.limits, self.policy.current.max_limits),
+            read_only=[install_dir(cfg.claude_bin)] if cfg.claude_bin else [],
         )
         self.audit_ring = AuditRing()
         self.server = grpc.aio.server(
