@@ -85,6 +85,9 @@ class LocalAgent:
             "--log-file",
             str(self.log_file),
         ]
+        claude = _checkout_claude()
+        if claude is not None and not os.environ.get("COWORK_CLAUDE_BIN"):
+            cmd += ["--claude-bin", claude]
         with open(os.devnull, "rb") as devnull, open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 cmd, stdin=devnull, stdout=log, stderr=log, start_new_session=True
@@ -122,3 +125,25 @@ class LocalAgent:
             os.kill(pid, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+def _checkout_claude() -> str | None:
+    """The pinned Claude Code CLI `make setup` put in this checkout (.tools/claude), if any.
+
+    A source checkout's local agent uses it when no `claude` is on PATH, so that
+    `make run` followed by `coworkctl --target local ask ...` works; installed
+    from a wheel there is no such directory and PATH decides, as in the VM.
+    """
+    import shutil
+
+    if shutil.which("claude"):
+        return None
+    exe = (
+        Path(__file__).resolve().parents[1]
+        / ".tools"
+        / "claude"
+        / "node_modules"
+        / ".bin"
+        / "claude"
+    )
+    return str(exe) if os.access(exe, os.X_OK) else None

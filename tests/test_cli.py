@@ -176,6 +176,21 @@ def test_local_up_exec_down(local_state: dict[str, str]) -> None:
     assert ctl(None, "local", "status", env=local_state).returncode == 1
 
 
+def test_local_agent_of_a_checkout_runs_its_pinned_claude(local_state: dict[str, str]) -> None:
+    """`make run` then `coworkctl --target local ask`: the local agent finds .tools/claude."""
+    import shutil
+
+    assert shutil.which("claude") is None, "this test expects no claude on PATH"
+    try:
+        assert ctl(None, "local", "up", env=local_state).returncode == 0
+        r = ctl(None, "--target", "local", "--json", "info", env=local_state)
+        claude = json.loads(r.stdout)["claude"]
+    finally:
+        ctl(None, "local", "down", env=local_state)
+    assert claude["installed"] is True
+    assert claude["path"] == str(REPO / ".tools/claude/node_modules/.bin/claude")
+
+
 def test_exec_ends_cleanly_while_its_stdin_is_still_open(agent: AgentProc) -> None:
     """The remote command exits before our stdin ends (a pipe nobody closes): coworkctl must
     exit with the remote code, not abort at shutdown with the stdin reader still blocked."""
