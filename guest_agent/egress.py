@@ -821,6 +821,8 @@ class EgressProxy:
 
         try:
             return await asyncio.wait_for(dial(), self._connect_timeout)
+        except PermissionError as exc:  # the resolver refused the address (see public_resolver)
+            raise _HttpError(403, f"cowork egress policy: {exc}") from None
         except asyncio.TimeoutError:
             raise _HttpError(
                 504, f"connecting to {host}:{port} timed out after {self._connect_timeout:g}s"
@@ -967,3 +969,34 @@ class EgressProxy:
             rec.bytes_down += len(prefix)
             await writer.drain()
         await _pump(origin, writer, rec, "down")
+
+
+def public_resolver(overrides: dict[str, str] | None = None) -> Resolver:
+    """A resolver that dials only public addresses (plus explicit `overrides`).
+
+    The policy approves *names*; without this, an allowed name that resolves
+    (or is made to resolve: DNS rebinding) to 127.0.0.1, a private network or
+    a link-local address would let the sandbox reach services in the agent's
+    own network namespace. An IP literal the policy allowed is dialled as is:
+    naming the address was the operator's explicit choice.
+    """
+    fixed = {k.lower().rstrip("."): v for k, v in (overrides or {}).items()}
+
+    async def resolve(host: str, port: int) -> tuple[str, int]:
+        name = host.lower().rstrip(".")
+        if name in fixed:
+            return fixed[name], port
+        try:
+            ipaddress.ip_address(name.strip("[]"))
+            return name.strip("[]"), port
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(sockaddr[0])
+            if not ip.is_global or ip.is_multicast:
+                raise PermissionError(f"{host} resolves to a non-public address ({ip})")
+        return str(infos[0][4][0]), port
+
+    return resolve

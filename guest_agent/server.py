@@ -29,7 +29,7 @@ from . import claude, listeners
 from . import policy as pol
 from .cgroups import Cgroups
 from .config import AgentConfig
-from .egress import EgressLog, EgressProxy
+from .egress import EgressLog, EgressProxy, public_resolver
 from .errors import AgentError
 from .files import FilesService
 from .info import CAPABILITIES, AgentService
@@ -72,15 +72,10 @@ class AgentServer:
         except (OSError, ValueError) as exc:
             raise StartError(f"policy {cfg.policy_file}: {exc}") from None
         self.egress_log = EgressLog(path=cfg.egress_log_file)
-        overrides = dict(cfg.egress_resolve)
-
-        async def resolve(host: str, port: int) -> tuple[str, int]:
-            return overrides.get(host.lower().rstrip("."), host), port
-
         self.egress = EgressProxy(
             lambda: self.policy.current.egress(),
             self.egress_log,
-            resolve if overrides else None,
+            public_resolver(cfg.egress_resolve),
         )
         self.sandbox = Sandbox(
             identity=self.identity,

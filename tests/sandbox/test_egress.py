@@ -1029,3 +1029,18 @@ def test_aclose_cuts_open_tunnels_and_still_logs_them() -> None:
             assert env.proxy.active == 0
 
     run(main())
+
+
+def test_public_resolver_refuses_names_that_resolve_to_private_addresses() -> None:
+    from guest_agent.egress import public_resolver
+
+    resolve = public_resolver({"pinned.test": "127.0.0.1"})
+
+    async def go() -> None:
+        with pytest.raises(PermissionError, match="non-public"):
+            await resolve("localhost", 80)
+        assert await resolve("pinned.test", 81) == ("127.0.0.1", 81)  # explicit override
+        assert await resolve("PINNED.test.", 82) == ("127.0.0.1", 82)
+        assert await resolve("127.0.0.1", 83) == ("127.0.0.1", 83)  # an allowed IP literal
+
+    asyncio.run(go())

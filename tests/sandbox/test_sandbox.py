@@ -424,3 +424,26 @@ def test_limits_say_plainly_which_cgroup_hierarchy_is_used(vm: CoworkClient) -> 
         assert limits.startswith("unavailable: no cgroup v2 unified hierarchy"), limits
     r = vm.run(["true"], limits={"memory_bytes": 64 << 20, "pids": 10})
     assert r.exit_code == 0 and not r.oom_killed
+
+
+def test_an_allowed_name_that_resolves_to_loopback_is_refused(
+    vm: CoworkClient, origin: int
+) -> None:
+    """DNS rebinding in miniature: `localhost` is allowed, but it points into the agent's own
+    network namespace, so the proxy refuses to dial it (the proxy is forced: no NO_PROXY)."""
+    vm.set_policy(allow="localhost")
+    probe = (
+        "import os, sys, urllib.request, urllib.error\n"
+        "os.environ.pop('no_proxy', None); os.environ.pop('NO_PROXY', None)\n"
+        "o = urllib.request.build_opener(urllib.request.ProxyHandler("
+        "{'http': 'http://127.0.0.1:3128'}))\n"
+        "try:\n"
+        "    print(o.open(sys.argv[1], timeout=10).status)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.read().decode())\n"
+    )
+    try:
+        r = vm.execute_in_vm([PY, "-c", probe, f"http://localhost:{origin}/"])
+    finally:
+        vm.set_policy(deny="localhost")
+    assert r.output.startswith("403") and "non-public address" in r.output, r.output
