@@ -73,15 +73,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 None if x is None else x >= goal,
             )
         )
-    frac = rt.get("exec_true", {}).get("coworkctl", {}).get("fraction_of_ssh_mux")
-    t.append(
-        _target(
-            "coworkctl exec (fresh process) vs ssh_mux",
-            "<= 0.5x the time",
-            f"{frac}x" if frac is not None else "n/a",
-            None if frac is None else frac <= 0.5,
+    for path, label in (
+        ("coworkctl", "coworkctl exec (fresh process) vs ssh_mux"),
+        ("coworkctl_mux", "coworkctl exec (fresh process, coworkctl mux running) vs ssh_mux"),
+    ):
+        frac = rt.get("exec_true", {}).get(path, {}).get("fraction_of_ssh_mux")
+        t.append(
+            _target(
+                label,
+                "<= 0.5x the time",
+                f"{frac}x" if frac is not None else "n/a",
+                None if frac is None else frac <= 0.5,
+            )
         )
-    )
     tr = wl.get("transfer", {})
     for direction in ("upload", "download"):
         d = tr.get(direction, {})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ PATHS: dict[str, str] = {
     "agent_stream": "agent, persistent client (Exec stream)",
     "agent_new_client": "agent, new client per call",
     "coworkctl": "coworkctl exec, fresh process",
+    "coworkctl_mux": "coworkctl exec, fresh process, with coworkctl mux",
     "ssh": "ssh per call (no mux)",
     "ssh_mux": "ssh + ControlMaster",
     "limactl": "limactl shell",
@@ -85,6 +87,7 @@ PLANS = {
             "agent_stream": 1000,
             "agent_new_client": 500,
             "coworkctl": 300,
+            "coworkctl_mux": 300,
             "ssh": 300,
             "ssh_mux": 300,
             "limactl": 100,
@@ -94,6 +97,7 @@ PLANS = {
             "agent_stream": 200,
             "agent_new_client": 100,
             "coworkctl": 50,
+            "coworkctl_mux": 50,
             "ssh": 50,
             "ssh_mux": 50,
             "limactl": 20,
@@ -114,6 +118,7 @@ PLANS = {
             "agent_stream": 300,
             "agent_new_client": 300,
             "coworkctl": 30,
+            "coworkctl_mux": 30,
             "ssh": 15,
             "ssh_mux": 30,
             "limactl": 10,
@@ -123,6 +128,7 @@ PLANS = {
             "agent_stream": 50,
             "agent_new_client": 30,
             "coworkctl": 8,
+            "coworkctl_mux": 8,
             "ssh": 5,
             "ssh_mux": 8,
             "limactl": 3,
@@ -278,8 +284,10 @@ class CallFailed(RuntimeError):
     pass
 
 
-def _checked(argv: list[str], timeout: float = 120) -> bytes:
-    out = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+def _checked(argv: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> bytes:
+    out = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env
+    )
     if out.returncode != 0:
         raise CallFailed(
             f"{shlex.join(argv[:4])}… exit {out.returncode}: "
@@ -354,8 +362,18 @@ class Env:
             ctl = shutil.which("coworkctl") or ctl
         ctl_argv = [ctl, "--target", agent.target, "--token-file", token, "exec", "--"]
 
+        # The plain path never uses a mux; the mux path has one of its own (private state dir).
+        plain_env = {**os.environ, "COWORK_MUX": "0"}
+        mux_env = {**os.environ, "XDG_STATE_HOME": str(self.work / "mux-state")}
+        mux_ctl = [ctl, "--target", agent.target, "--token-file", token, "mux"]
+        _checked([*mux_ctl, "start", "--idle", "600"], env=mux_env)
+        atexit.register(subprocess.run, [*mux_ctl, "stop"], env=mux_env, capture_output=True)
+
         def coworkctl(argv: list[str]) -> bytes:
-            return _checked([*ctl_argv, *argv])
+            return _checked([*ctl_argv, *argv], env=plain_env)
+
+        def coworkctl_mux(argv: list[str]) -> bytes:
+            return _checked([*ctl_argv, *argv], env=mux_env)
 
         ssh_plain = self.sshd.ssh(mux=False)
         ssh_mux = self.sshd.ssh(mux=True)
@@ -371,6 +389,7 @@ class Env:
             "agent_stream": stream,
             "agent_new_client": new_client,
             "coworkctl": coworkctl,
+            "coworkctl_mux": coworkctl_mux,
             "ssh": ssh,
             "ssh_mux": ssh_m,
         }
