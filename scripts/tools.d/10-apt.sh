@@ -10,6 +10,8 @@ command -v stty >/dev/null 2>&1 || need+=(coreutils)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+# Probes inside the box run the system interpreter (a pyenv/venv under /root is hidden there).
+[ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
