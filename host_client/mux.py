@@ -126,16 +126,31 @@ class _Stdin:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.done = threading.Event()  # the client sent E (or is gone): nothing more to read
 
     def __iter__(self) -> Iterator[bytes]:
-        while True:
-            try:
-                kind, data = recv(self.sock)
-            except (ConnectionError, OSError):
-                return
-            if kind != b"I":
-                return
-            yield data
+        try:
+            while True:
+                try:
+                    kind, data = recv(self.sock)
+                except (ConnectionError, OSError):
+                    return
+                if kind != b"I":
+                    return
+                yield data
+        finally:
+            self.done.set()
+
+
+def _cancel_on_hangup(conn: socket.socket, stdin: _Stdin, stream: Any) -> None:
+    """After stdin ended, the client sends nothing more: EOF on the socket means it is gone
+    (Ctrl-C, killed), and the remote process must not outlive it."""
+    stdin.done.wait()
+    try:
+        conn.recv(1)
+    except OSError:
+        pass
+    stream.cancel()  # a no-op once the stream has ended
 
 
 def _serve_one(client: Any, conn: socket.socket) -> None:
@@ -147,14 +162,16 @@ def _serve_one(client: Any, conn: socket.socket) -> None:
         if kind != b"R":
             return
         req = json.loads(payload)
+        stdin = _Stdin(conn)
         stream = client.exec(
             req["argv"],
-            stdin=_Stdin(conn),
+            stdin=stdin,
             env=req.get("env") or None,
             cwd=req.get("cwd") or None,
             timeout=req.get("timeout") or None,
             limits=req.get("limits") or None,
         )
+        threading.Thread(target=_cancel_on_hangup, args=(conn, stdin, stream), daemon=True).start()
         code = 1
         oom = False
         for ev in stream:

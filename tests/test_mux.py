@@ -113,3 +113,36 @@ def test_mux_for_an_unreachable_agent_fails_in_one_line(
     r = subprocess.run(argv, cwd=REPO, env=mux_env, capture_output=True, timeout=90)
     assert r.returncode == 1
     assert r.stderr.decode().count("\n") == 1 and "Traceback" not in r.stderr.decode()
+
+
+def _named(argv0: str) -> list[int]:
+    """Pids whose argv[0] is `argv0` (the remote process, not our client naming it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().split(b"\0", 1)[0] == argv0.encode():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killed_client_of_the_mux_leaves_no_remote_process(
+    agent: AgentProc, mux: dict[str, str]
+) -> None:
+    import signal
+    import uuid
+
+    marker = f"cw-mux-{uuid.uuid4().hex}"
+    argv = [sys.executable, "-m", "host_client.cli", "--target", agent.target]
+    argv += ["--token-file", str(agent.token_file), "exec", "--", "bash", "-c"]
+    argv += [f"exec -a {marker} sleep 300"]
+    p = subprocess.Popen(argv, cwd=REPO, env=mux, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _named(marker), 10)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert wait_until(lambda: not _named(marker), 5)

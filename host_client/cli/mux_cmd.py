@@ -11,8 +11,8 @@ from .common import fail, print_json
 
 EPILOG = """\
 With a mux running, `coworkctl exec` (without -t) skips loading gRPC and talks to the
-mux over a private unix socket: a fresh coworkctl process then costs ~30 ms instead of
-~150 ms, which is what shell scripts calling it in a loop feel (like ssh's ControlMaster).
+mux over a private unix socket: a fresh coworkctl process then costs ~50-70 ms instead of
+~150-180 ms, which is what shell scripts calling it in a loop feel (like ssh's ControlMaster).
 The mux exits after 10 idle minutes, or with `coworkctl mux stop`.
 COWORK_MUX=0 makes coworkctl ignore a running mux.
 """
