@@ -56,7 +56,7 @@ from .paths import PathPolicy
 from .policy import Limits
 from .process import Spawned, base_environment, limits_of, pump, write_all
 from .rpc import Context, audit
-from .sandbox import Launch, RunUser, Sandbox, lookup_user
+from .sandbox import Launch, RunUser, Sandbox, drop_to, lookup_user
 
 # Limits on what one event may carry (a gRPC message is capped at ~4 MiB).
 TOOL_RESULT_LIMIT = 64 * 1024
@@ -449,15 +449,6 @@ async def _kill_session(sp: Spawned, grace: float) -> int:
     return len(members)
 
 
-def _setpriv() -> str:
-    found = shutil.which("setpriv") or "/usr/bin/setpriv"
-    if not os.path.exists(found):
-        raise AgentError(
-            grpc.StatusCode.FAILED_PRECONDITION, "--run-as needs util-linux setpriv in PATH"
-        )
-    return found
-
-
 def _spawn(
     argv: list[str],
     cwd: str,
@@ -478,15 +469,8 @@ def _spawn(
     if sandbox is not None:  # the sandbox switches user itself (and boxes it, per policy)
         launch = sandbox.launch(argv, env, cwd, pty=False, limits=limits)
         argv, env = launch.argv, launch.env
-    elif not user.is_self:
-        argv = [
-            _setpriv(),
-            f"--reuid={user.uid}",
-            f"--regid={user.gid}",
-            "--init-groups",
-            "--",
-            *argv,
-        ]
+    else:
+        argv = drop_to(user) + argv  # empty when the CLI runs as the agent's own user
     r_out, w_out = os.pipe2(os.O_CLOEXEC)
     r_err, w_err = os.pipe2(os.O_CLOEXEC)
     r_in, w_in = os.pipe2(os.O_CLOEXEC)
@@ -687,11 +671,9 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         )
         sp, stdin_fd = _spawn(argv, cwd, env, user, self.sandbox, limits_of(request.limits))
         try:
-            await sp.activate(self.sandbox)
+            await sp.activate(self.sandbox, self.kill_grace)
         except BaseException:
             os.close(stdin_fd)
-            await sp.teardown(self.kill_grace)
-            sp.close_fds()
             raise
         audit(pid=sp.pid, sandbox=sp.launch is not None and sp.launch.info_r is not None)
         state = _RunState()

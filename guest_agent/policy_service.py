@@ -119,9 +119,9 @@ class PolicyService(pb_grpc.PolicyServicer):
         except ValueError as exc:  # PolicyError, and DomainPolicy's pattern errors
             raise invalid(str(exc)) from None
         if new.sandbox == "bwrap" and cur.sandbox != "bwrap":
-            from .sandbox import _tool
+            from .sandbox import require_tool
 
-            _tool("bwrap")  # FAILED_PRECONDITION now rather than on the next exec
+            require_tool("bwrap")  # FAILED_PRECONDITION now rather than on the next exec
         try:
             self.store.replace(new)
         except OSError as exc:

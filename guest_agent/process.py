@@ -46,7 +46,7 @@ from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
 from .policy import Limits
 from .rpc import Context, add_bytes, audit, first_message
-from .sandbox import Boxed, Launch, Sandbox
+from .sandbox import Boxed, Launch, Sandbox, require_tool
 
 _SCRUBBED_ENV_PREFIXES = ("COWORK_",)
 
@@ -75,20 +75,6 @@ def _set_nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
 
 
-def _setsid_ctty() -> str:
-    """util-linux `setsid`, which gives a PTY child its own session *and* controlling terminal.
-
-    Doing setsid()+TIOCSCTTY in a preexec_fn would run Python between fork and
-    exec in a multi-threaded process (gRPC's threads): that crashes
-    intermittently (seen: SIGSEGV in the child). An exec of setsid costs ~1 ms,
-    paid only by PTY sessions.
-    """
-    found = shutil.which("setsid") or "/usr/bin/setsid"
-    if not os.path.exists(found):
-        raise AgentError(grpc.StatusCode.FAILED_PRECONDITION, "PTY needs util-linux setsid")
-    return found
-
-
 def _winsize(rows: int, cols: int) -> bytes:
     return struct.pack("HHHH", rows or 24, cols or 80, 0, 0)
 
@@ -112,10 +98,20 @@ class Spawned:
     launch: Launch | None = None
     box: Boxed | None = None
 
-    async def activate(self, sandbox: Sandbox | None) -> None:
-        """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise."""
-        if sandbox is not None and self.launch is not None:
+    async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
+        """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise.
+
+        If that fails, the half-started process is stopped and its fds and cgroup
+        released before the error propagates: callers have nothing to undo.
+        """
+        if sandbox is None or self.launch is None:
+            return
+        try:
             self.box = await sandbox.activate(self.launch, self.pid)
+        except BaseException:
+            await self.teardown(grace)
+            self.close_fds()
+            raise
 
     def close_stdin(self) -> None:
         if self.pty_master is not None:
@@ -316,7 +312,7 @@ def spawn(
 ) -> Spawned:
     """Start the process described by `spec` in a new session; raise AgentError if it cannot.
 
-    With a `sandbox`, the caller must `await sp.activate(sandbox)` before anything else.
+    With a `sandbox`, the caller must `await sp.activate(sandbox, grace)` before anything else.
     """
     argv = _argv(spec)
     cwd = _resolve_cwd(spec, paths)
@@ -350,7 +346,9 @@ def spawn(
             # forking: the pid we get is the session's (and the job's) pid.
             # Wrapped (user switch, cgroup, box), setsid --ctty is part of the launch.
             popen = subprocess.Popen(
-                launch.argv if launch is not None else [_setsid_ctty(), "--ctty", exe, *argv[1:]],
+                launch.argv
+                if launch is not None
+                else [require_tool("setsid"), "--ctty", exe, *argv[1:]],
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
@@ -477,12 +475,7 @@ class ProcessService(pb_grpc.ProcessServicer):
             raise invalid("the first Exec message must be `start`")
         spec = first.start
         sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox)
-        try:
-            await sp.activate(self.sandbox)
-        except BaseException:
-            await sp.teardown(self.kill_grace)
-            sp.close_fds()
-            raise
+        await sp.activate(self.sandbox, self.kill_grace)
         queue: asyncio.Queue[pb.ExecResponse | None] = asyncio.Queue(OUTPUT_QUEUE_CHUNKS)
         timed_out = False
 
@@ -571,12 +564,7 @@ class ProcessService(pb_grpc.ProcessServicer):
         spec.pty = False
         limit = request.output_limit or RUN_OUTPUT_LIMIT
         sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin), sandbox=self.sandbox)
-        try:
-            await sp.activate(self.sandbox)
-        except BaseException:
-            await sp.teardown(self.kill_grace)
-            sp.close_fds()
-            raise
+        await sp.activate(self.sandbox, self.kill_grace)
         buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = {"stdout": False, "stderr": False}
 

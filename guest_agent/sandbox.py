@@ -116,13 +116,17 @@ def resolve_identity(run_as: str | None, allow_root: bool) -> Identity:
     return Identity(lookup_user(None), "root")
 
 
-def _tool(name: str) -> str:
+def require_tool(name: str) -> str:
+    """Absolute path of a helper the agent execs (bwrap, setpriv, setsid).
+
+    Exec'ing small helpers instead of a Popen preexec_fn keeps Python out of
+    the fork-to-exec window of the multi-threaded agent (that crashed: SIGSEGV
+    in the child); FAILED_PRECONDITION names the package when one is missing.
+    """
     found = shutil.which(name) or f"/usr/bin/{name}"
     if not os.path.exists(found):
-        raise precondition(
-            f"the sandbox needs {name} (Debian/Ubuntu package: "
-            + ("bubblewrap)" if name == "bwrap" else "util-linux)")
-        )
+        package = "bubblewrap" if name == "bwrap" else "util-linux"
+        raise precondition(f"the agent needs {name} (Debian/Ubuntu package: {package})")
     return found
 
 
@@ -131,7 +135,7 @@ def drop_to(user: RunUser) -> list[str]:
     if user.is_self:
         return []
     return [
-        _tool("setpriv"),
+        require_tool("setpriv"),
         f"--reuid={user.uid}",
         f"--regid={user.gid}",
         "--init-groups",
@@ -322,7 +326,7 @@ class Sandbox:
         if self.mode() != "bwrap":
             inner = drop_to(user) + argv
             if pty:
-                inner = [_tool("setsid"), "--ctty", *inner]
+                inner = [require_tool("setsid"), "--ctty", *inner]
             return Launch(argv=inner, env=env)
         from . import seccomp
 
@@ -335,7 +339,7 @@ class Sandbox:
                 os.close(fd)
             raise
         box = [
-            _tool("bwrap"),
+            require_tool("bwrap"),
             "--die-with-parent",
             "--unshare-pid",
             "--unshare-ipc",
@@ -391,7 +395,7 @@ class Sandbox:
         box.append("--")
         inner = drop_to(user) + argv
         if pty:
-            inner = [_tool("setsid"), "--ctty", *inner]
+            inner = [require_tool("setsid"), "--ctty", *inner]
         env.update(
             HTTP_PROXY=PROXY_URL,
             HTTPS_PROXY=PROXY_URL,
