@@ -8,7 +8,7 @@ import platform
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cowork.agent.v1 import agent_pb2 as pb
 from cowork.agent.v1 import agent_pb2_grpc as pb_grpc
@@ -52,7 +52,7 @@ class AgentService(pb_grpc.AgentServicer):
         paths: PathPolicy,
         listeners: list[str],
         capabilities: list[str],
-        claude_info: object | None = None,
+        claude_info: Callable[[], Awaitable[pb.ClaudeInfo | None]] | None = None,
     ) -> None:
         self.paths = paths
         self.listeners = listeners
@@ -96,7 +96,7 @@ class AgentService(pb_grpc.AgentServicer):
         if self.sandbox_info is not None:
             for key, value in self.sandbox_info().items():
                 setattr(resp, key, value)
-        if callable(self.claude_info):
+        if self.claude_info is not None:
             info = await self.claude_info()
             if info is not None:
                 resp.claude.CopyFrom(info)

@@ -224,7 +224,14 @@ class Spawned:
                 await asyncio.sleep(0.01)
             self.signal_group(signal.SIGKILL)
 
+    @property
+    def oom_killed(self) -> bool:
+        """The run's cgroup saw the OOM killer (call before close_fds)."""
+        cg = self.launch.cgroup if self.launch is not None else None
+        return cg is not None and cg.oom_kills() > 0
+
     def close_fds(self) -> None:
+        """Release everything the run holds: our pipe/PTY ends, the box, the run's cgroup."""
         if self.box is not None:
             self.box.close()
         if self.launch is not None:
@@ -232,12 +239,6 @@ class Spawned:
             if self.launch.cgroup is not None:
                 self.launch.cgroup.remove()
                 self.launch.cgroup = None
-
-    @property
-    def oom_killed(self) -> bool:
-        """The run's cgroup saw the OOM killer (call before close_fds)."""
-        cg = self.launch.cgroup if self.launch is not None else None
-        return cg is not None and cg.oom_kills() > 0
         for fd in [self.stdin_fd, self.pty_master, *[fd for _, fd in self.out_fds]]:
             if fd is None:
                 continue

@@ -83,9 +83,10 @@ class AgentInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
     ) -> Handler:
-        handler = await continuation(details)
+        # grpc returns None for an unknown method (the stubs do not say so).
+        handler: Handler | None = await continuation(details)
         if handler is None:
-            return handler
+            return handler  # type: ignore[return-value]
         method: str = details.method
         authed = method in OPEN_METHODS or _token_ok(details.invocation_metadata, self._token)
         return _wrap(handler, method, authed)
