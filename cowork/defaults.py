@@ -46,6 +46,13 @@ FILE_CHUNK = 256 * 1024
 MAX_FILE_CHUNK = 1024 * 1024
 LIST_LIMIT = 100_000
 
+# Audit records (log line and the in-memory ring behind `coworkctl logs`) keep
+# at most this much of any one value: an exec with a 1 MB argv must not cost
+# the agent 1 MB per remembered call. Status messages are cut the same way.
+AUDIT_VALUE_CHARS = 1024
+AUDIT_RECORD_CHARS = 8192
+STATUS_MESSAGE_CHARS = 2048
+
 # gRPC message cap: a chunk plus framing, with room to spare.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 

@@ -17,7 +17,13 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
-from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
+from cowork.defaults import (
+    AUDIT_RECORD_CHARS,
+    AUDIT_VALUE_CHARS,
+    AUTH_METADATA_KEY,
+    AUTH_SCHEME,
+    STATUS_MESSAGE_CHARS,
+)
 
 from .errors import AgentError
 
@@ -97,6 +103,55 @@ def _start(method: str, context: Context) -> tuple[dict[str, Any], Any]:
     return record, _audit.set(record)
 
 
+def cut_text(text: str, limit: int) -> str:
+    """`text`, or its head with a marker that says how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[cut {len(text) - limit} chars]"
+
+
+def _bounded(value: Any, budget: int) -> tuple[Any, bool]:
+    """A copy of an audit value that fits in `budget` chars, and whether anything was cut.
+
+    Strings keep their head; lists keep their first items (each cut) and end with
+    a marker naming how many were left out. Other values are small by nature.
+    """
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        limit = min(AUDIT_VALUE_CHARS, budget)
+        return cut_text(value, limit), len(value) > limit
+    if isinstance(value, (list, tuple)):
+        out: list[Any] = []
+        cut = False
+        for i, item in enumerate(value):
+            if budget <= 0:
+                out.append(f"…[cut {len(value) - i} more items]")
+                return out, True
+            short, item_cut = _bounded(item, budget)
+            cut = cut or item_cut
+            budget -= len(short) if isinstance(short, str) else 16
+            out.append(short)
+        return out, cut
+    return value, False
+
+
+def bound_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The audit record with every value bounded; `truncated` names the fields that were cut."""
+    budget = AUDIT_RECORD_CHARS
+    out: dict[str, Any] = {}
+    cut_fields: list[str] = []
+    for key, value in record.items():
+        short, cut = _bounded(value, max(budget, 64))
+        budget -= len(str(short))
+        if cut:
+            cut_fields.append(key)
+        out[key] = short
+    if cut_fields:
+        out["truncated"] = cut_fields
+    return out
+
+
 def _finish(record: dict[str, Any], t0: float, code: grpc.StatusCode, msg: str = "") -> None:
     if record["method"] in OPEN_METHODS:
         return
@@ -104,7 +159,7 @@ def _finish(record: dict[str, Any], t0: float, code: grpc.StatusCode, msg: str =
     if msg:
         record["message"] = msg
     record["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-    log.info("rpc", extra={"audit": record})
+    log.info("rpc", extra={"audit": bound_record(record)})
 
 
 async def _refuse(context: Context, record: dict[str, Any], t0: float) -> None:
@@ -115,11 +170,13 @@ async def _refuse(context: Context, record: dict[str, Any], t0: float) -> None:
 
 async def _fail(context: Context, record: dict[str, Any], t0: float, exc: BaseException) -> None:
     if isinstance(exc, AgentError):
-        _finish(record, t0, exc.code, exc.message)
-        await context.abort(exc.code, exc.message)
+        message = cut_text(exc.message, STATUS_MESSAGE_CHARS)
+        _finish(record, t0, exc.code, message)
+        await context.abort(exc.code, message)
     log.exception("unexpected error in %s", record["method"])
-    _finish(record, t0, grpc.StatusCode.INTERNAL, repr(exc))
-    await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {exc!r}")
+    detail = cut_text(repr(exc), STATUS_MESSAGE_CHARS)
+    _finish(record, t0, grpc.StatusCode.INTERNAL, detail)
+    await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {detail}")
 
 
 def _code_of(context: Context) -> grpc.StatusCode:
