@@ -56,6 +56,11 @@ class Footprint:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def max(self, other: Footprint) -> Footprint:
+        """Field by field, the larger of the two (a running peak)."""
+        mine, theirs = self.as_dict(), other.as_dict()
+        return Footprint(**{k: max(v, theirs[k]) for k, v in mine.items()})
+
 
 def footprint(pid: int) -> Footprint:
     fd_dir = f"/proc/{pid}/fd"

@@ -248,6 +248,10 @@ RestartSec=2
 # and must outlive a workload that exhausts memory.
 Delegate=yes
 OOMScoreAdjust=-900
+# Deliberate, not systemd's 1024: a running exec holds ~6 fds and an egress
+# connection 2, so 1024 caps concurrency near 150. Leaks are a different matter:
+# the soak tier (tests/soak) proves every call gives its fds back at 1024.
+LimitNOFILE=16384
 RuntimeDirectory=cowork
 RuntimeDirectoryMode=0755
 Environment=HOME=/root
