@@ -25,9 +25,18 @@ from cowork.agent.v1 import (
 from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
 
 from . import requests as rq
-from . import targets
-from .errors import AgentUnavailable, from_rpc_error
-from .models import ExecEvent, ExecutionResult, Exited, FileInfo, Output, Started, TransferResult
+from . import targets, transfer
+from .errors import AgentUnavailable, CoworkError, from_rpc_error
+from .models import (
+    ExecEvent,
+    ExecutionResult,
+    Exited,
+    FileInfo,
+    Output,
+    Skipped,
+    Started,
+    TransferResult,
+)
 from .protodict import to_dict
 from .transports import ChannelHandle
 
@@ -192,9 +201,10 @@ class AsyncCoworkClient:
         return AsyncExecStream(self, spec, stdin, interactive)
 
     # -- files -------------------------------------------------------------------
-    async def stat(self, path: str) -> FileInfo:
+    async def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:
+        """Describe a guest path; a final symlink itself unless `follow_symlinks`."""
         stub = self._stub("_files")
-        req = files_pb2.StatRequest(path=path)
+        req = files_pb2.StatRequest(path=path, follow_symlinks=follow_symlinks)
         return rq.file_info(await self._call(lambda: stub.Stat(req, metadata=self._metadata)))
 
     async def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
@@ -254,9 +264,62 @@ class AsyncCoworkClient:
         req = files_pb2.RenameRequest(source=source, destination=destination, overwrite=overwrite)
         return rq.file_info(await self._call(lambda: stub.Rename(req, metadata=self._metadata)))
 
-    async def upload(self, local: str, remote: str) -> TransferResult:
-        """Copy one local file to `remote` atomically (file reads run off the loop)."""
-        src = rq.UploadSource(remote, local=local, preserve_mtime=True)
+    async def symlink(
+        self,
+        target: str,
+        path: str,
+        *,
+        overwrite: bool = True,
+        create_parents: bool = True,
+        mtime_ns: int = 0,
+    ) -> FileInfo:
+        """Create guest symlink `path` -> `target`, atomically (see CoworkClient.symlink)."""
+        req = files_pb2.SymlinkRequest(
+            path=path,
+            target=target,
+            overwrite=overwrite,
+            create_parents=create_parents,
+            mtime_ns=mtime_ns,
+        )
+        stub = self._stub("_files")
+        return rq.file_info(await self._call(lambda: stub.Symlink(req, metadata=self._metadata)))
+
+    async def upload(
+        self,
+        local: str,
+        remote: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+        follow_symlinks: bool = False,
+    ) -> TransferResult:
+        """Copy a local file, symlink or directory tree to `remote`, like `cp -a`.
+
+        The same rules as CoworkClient.upload (host_client.transfer); local
+        reads run off the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        items, skipped = await loop.run_in_executor(
+            None, transfer.plan_upload, local, remote, follow_symlinks
+        )
+        result = TransferResult(remote, 0, "", files=0, skipped=skipped)
+        for item in items:
+            if item.kind == "dir":
+                await self.mkdir(item.remote)
+            elif item.kind == "symlink":
+                await self.symlink(item.target, item.remote, mtime_ns=item.mtime_ns)
+                result.symlinks += 1
+            else:
+                r = await self._upload_file(item.local, item.remote, progress)
+                result.bytes += r.bytes
+                result.files += 1
+                if item.local == local:
+                    result.path, result.sha256 = r.path, r.sha256
+        return result
+
+    async def _upload_file(
+        self, local: str, remote: str, progress: Callable[[int], None] | None
+    ) -> TransferResult:
+        src = rq.UploadSource(remote, local=local, progress=progress, preserve_mtime=True)
         loop = asyncio.get_running_loop()
         it = iter(src)
 
@@ -271,7 +334,102 @@ class AsyncCoworkClient:
         resp = await self._call(lambda: stub.Write(requests(), metadata=self._metadata), False)
         return TransferResult(resp.info.path, resp.bytes_written, resp.sha256)
 
-    async def download(self, remote: str, local: str) -> TransferResult:
+    async def download(
+        self,
+        remote: str,
+        local: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+        follow_symlinks: bool = False,
+    ) -> TransferResult:
+        """Copy a guest file, symlink or directory tree to `local`, like `cp -a`.
+
+        The same rules as CoworkClient.download (host_client.transfer).
+        """
+        info = await self.stat(remote, follow_symlinks=follow_symlinks)
+        result = TransferResult(local, 0, "", files=0)
+        if info.is_dir:
+            os.makedirs(local, exist_ok=True)
+            await self._download_tree(info, local, progress, follow_symlinks, (), result)
+        else:
+            await self._download_entry(info, remote, local, progress, result)
+            if result.files == 1 and not result.skipped:
+                result.path = local
+        return result
+
+    async def _download_entry(
+        self,
+        info: FileInfo,
+        remote: str,
+        dest: str,
+        progress: Callable[[int], None] | None,
+        result: TransferResult,
+    ) -> None:
+        if info.type == "symlink":
+            reason = transfer.make_local_symlink(info.symlink_target, dest, info.mtime_ns)
+            if reason:
+                result.skipped.append(Skipped(remote, reason))
+            else:
+                result.symlinks += 1
+        elif info.type == "file":
+            reason = transfer.local_blocker(dest)
+            if reason:
+                result.skipped.append(Skipped(remote, reason))
+                return
+            r = await self._download_file(remote, dest, progress)
+            result.bytes += r.bytes
+            result.files += 1
+            result.sha256 = r.sha256 if result.files == 1 else ""
+        else:
+            result.skipped.append(Skipped(remote, transfer.special_reason(info.special)))
+
+    async def _download_tree(
+        self,
+        top: FileInfo,
+        local: str,
+        progress: Callable[[int], None] | None,
+        follow: bool,
+        above: tuple[tuple[int, int], ...],
+        result: TransferResult,
+    ) -> None:
+        entries = await self.list_dir(top.path, recursive=True)
+        keys = transfer.dir_keys(top, entries)
+        for entry in entries:
+            rel = transfer.relative_name(top.path, entry)
+            if rel is None:
+                result.skipped.append(Skipped(entry.path, "unsafe name from the agent"))
+                continue
+            dest = os.path.join(local, rel)
+            if not transfer.local_parent_is_safe(local, rel):
+                result.skipped.append(Skipped(entry.path, transfer.UNSAFE_PARENT))
+                continue
+            try:
+                if entry.type == "symlink" and follow:
+                    entry = await self.stat(entry.path, follow_symlinks=True)
+                    if entry.is_dir:
+                        key = (entry.device, entry.inode)
+                        chain = (*above, *transfer.chain(keys, top.path, rel))
+                        if key in chain:
+                            result.skipped.append(Skipped(entry.path, transfer.LOOP))
+                            continue
+                if entry.is_dir:
+                    reason = transfer.make_local_dir(dest)
+                    if reason:
+                        result.skipped.append(Skipped(entry.path, reason))
+                    elif entry.path not in keys:  # a followed link: its own listing
+                        chain = (*above, *transfer.chain(keys, top.path, rel))
+                        await self._download_tree(entry, dest, progress, follow, chain, result)
+                    continue
+                await self._download_entry(entry, entry.path, dest, progress, result)
+            except CoworkError as exc:
+                reason = transfer.entry_error(exc)
+                if reason is None:
+                    raise
+                result.skipped.append(Skipped(entry.path, reason))
+
+    async def _download_file(
+        self, remote: str, local: str, progress: Callable[[int], None] | None
+    ) -> TransferResult:
         """Copy one guest file to `local` atomically."""
         tmp = rq.temp_beside(local)
         digest = hashlib.sha256()
@@ -283,8 +441,10 @@ class AsyncCoworkClient:
                     f.write(chunk)
                     digest.update(chunk)
                     n += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
             if info:
-                os.chmod(tmp, info[0].mode or 0o644)
+                os.chmod(tmp, transfer.local_mode(info[0].mode))
                 os.utime(tmp, ns=(info[0].mtime_ns, info[0].mtime_ns))
             os.replace(tmp, local)
         except BaseException:

@@ -31,9 +31,18 @@ from cowork.agent.v1 import (
 from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
 
 from . import requests as rq
-from . import targets
+from . import targets, transfer
 from .errors import AgentUnavailable, CoworkError, from_rpc_error
-from .models import ExecEvent, ExecutionResult, Exited, FileInfo, Output, Started, TransferResult
+from .models import (
+    ExecEvent,
+    ExecutionResult,
+    Exited,
+    FileInfo,
+    Output,
+    Skipped,
+    Started,
+    TransferResult,
+)
 from .protodict import to_dict
 from .transports import ChannelHandle
 
@@ -303,11 +312,15 @@ class CoworkClient:
         return ExecStream(self, spec, stdin, interactive)
 
     # -- files ------------------------------------------------------------------
-    def stat(self, path: str) -> FileInfo:
+    def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:
+        """Describe a guest path; a final symlink itself unless `follow_symlinks`.
+
+        Following stays inside the workspace (the agent refuses absolute links
+        and links that leave it with PermissionDenied).
+        """
         stub = self._stub("_files")
-        return rq.file_info(
-            self._call(lambda: stub.Stat(files_pb2.StatRequest(path=path), metadata=self._metadata))
-        )
+        req = files_pb2.StatRequest(path=path, follow_symlinks=follow_symlinks)
+        return rq.file_info(self._call(lambda: stub.Stat(req, metadata=self._metadata)))
 
     def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
         stub = self._stub("_files")
@@ -373,24 +386,59 @@ class CoworkClient:
         req = files_pb2.RenameRequest(source=source, destination=destination, overwrite=overwrite)
         return rq.file_info(self._call(lambda: stub.Rename(req, metadata=self._metadata)))
 
+    def symlink(
+        self,
+        target: str,
+        path: str,
+        *,
+        overwrite: bool = True,
+        create_parents: bool = True,
+        mtime_ns: int = 0,
+    ) -> FileInfo:
+        """Create guest symlink `path` -> `target` (as os.symlink(target, path)), atomically.
+
+        The target is stored as given and may point anywhere: the agent itself
+        never follows a link out of the workspace.
+        """
+        req = files_pb2.SymlinkRequest(
+            path=path,
+            target=target,
+            overwrite=overwrite,
+            create_parents=create_parents,
+            mtime_ns=mtime_ns,
+        )
+        stub = self._stub("_files")
+        return rq.file_info(self._call(lambda: stub.Symlink(req, metadata=self._metadata)))
+
     def upload(
-        self, local: str, remote: str, *, progress: Progress | None = None
+        self,
+        local: str,
+        remote: str,
+        *,
+        progress: Progress | None = None,
+        follow_symlinks: bool = False,
     ) -> TransferResult:
-        """Copy a local file or directory tree to `remote` (files land atomically)."""
-        if os.path.isdir(local):
-            total = files = 0
-            self.mkdir(remote)
-            for dirpath, dirnames, filenames in os.walk(local):
-                rel = os.path.relpath(dirpath, local)
-                rdir = remote if rel == "." else f"{remote.rstrip('/')}/{rel}"
-                for d in dirnames:
-                    self.mkdir(f"{rdir}/{d}")
-                for name in filenames:
-                    r = self._upload_file(os.path.join(dirpath, name), f"{rdir}/{name}", progress)
-                    total += r.bytes
-                    files += 1
-            return TransferResult(remote, total, "", files=files)
-        return self._upload_file(local, remote, progress)
+        """Copy a local file, symlink or directory tree to `remote`, like `cp -a`.
+
+        Files land atomically; symlinks arrive as symlinks (never read through)
+        unless `follow_symlinks` (`cp -L`); sockets, FIFOs and devices are
+        skipped and listed in the result's `skipped` (see host_client.transfer).
+        """
+        items, skipped = transfer.plan_upload(local, remote, follow_symlinks)
+        result = TransferResult(remote, 0, "", files=0, skipped=skipped)
+        for item in items:
+            if item.kind == "dir":
+                self.mkdir(item.remote)
+            elif item.kind == "symlink":
+                self.symlink(item.target, item.remote, mtime_ns=item.mtime_ns)
+                result.symlinks += 1
+            else:
+                r = self._upload_file(item.local, item.remote, progress)
+                result.bytes += r.bytes
+                result.files += 1
+                if item.local == local:  # a single file: its path and checksum
+                    result.path, result.sha256 = r.path, r.sha256
+        return result
 
     def _upload_file(self, local: str, remote: str, progress: Progress | None) -> TransferResult:
         src = rq.UploadSource(remote, local=local, progress=progress, preserve_mtime=True)
@@ -399,24 +447,101 @@ class CoworkClient:
         return TransferResult(resp.info.path, resp.bytes_written, resp.sha256)
 
     def download(
-        self, remote: str, local: str, *, progress: Progress | None = None
+        self,
+        remote: str,
+        local: str,
+        *,
+        progress: Progress | None = None,
+        follow_symlinks: bool = False,
     ) -> TransferResult:
-        """Copy a guest file or directory tree to `local` (each file written atomically)."""
-        info = self.stat(remote)
+        """Copy a guest file, symlink or directory tree to `local`, like `cp -a`.
+
+        Each file is written atomically; guest symlinks become local symlinks
+        unless `follow_symlinks` (`cp -L`, within the workspace); nothing is
+        written through a local symlink below `local`; what is left out is
+        listed in the result's `skipped` (see host_client.transfer).
+        """
+        info = self.stat(remote, follow_symlinks=follow_symlinks)
+        result = TransferResult(local, 0, "", files=0)
         if info.is_dir:
             os.makedirs(local, exist_ok=True)
-            total = files = 0
-            base = info.path.rstrip("/")
-            for entry in self.list_dir(remote, recursive=True):
-                rel = entry.path[len(base) + 1 :]
-                dest = os.path.join(local, rel)
+            self._download_tree(info, local, progress, follow_symlinks, (), result)
+        else:
+            self._download_entry(info, remote, local, progress, result)
+            if result.files == 1 and not result.skipped:
+                result.path = local
+        return result
+
+    def _download_entry(
+        self,
+        info: FileInfo,
+        remote: str,
+        dest: str,
+        progress: Progress | None,
+        result: TransferResult,
+    ) -> None:
+        """One non-directory entry: a file, a symlink (as a link) or a skip."""
+        if info.type == "symlink":
+            reason = transfer.make_local_symlink(info.symlink_target, dest, info.mtime_ns)
+            if reason:
+                result.skipped.append(Skipped(remote, reason))
+            else:
+                result.symlinks += 1
+        elif info.type == "file":
+            reason = transfer.local_blocker(dest)
+            if reason:
+                result.skipped.append(Skipped(remote, reason))
+                return
+            r = self._download_file(remote, dest, progress)
+            result.bytes += r.bytes
+            result.files += 1
+            result.sha256 = r.sha256 if result.files == 1 else ""
+        else:
+            result.skipped.append(Skipped(remote, transfer.special_reason(info.special)))
+
+    def _download_tree(
+        self,
+        top: FileInfo,
+        local: str,
+        progress: Progress | None,
+        follow: bool,
+        above: tuple[tuple[int, int], ...],
+        result: TransferResult,
+    ) -> None:
+        entries = self.list_dir(top.path, recursive=True)
+        keys = transfer.dir_keys(top, entries)
+        for entry in entries:
+            rel = transfer.relative_name(top.path, entry)
+            if rel is None:
+                result.skipped.append(Skipped(entry.path, "unsafe name from the agent"))
+                continue
+            dest = os.path.join(local, rel)
+            if not transfer.local_parent_is_safe(local, rel):
+                result.skipped.append(Skipped(entry.path, transfer.UNSAFE_PARENT))
+                continue
+            try:
+                if entry.type == "symlink" and follow:
+                    entry = self.stat(entry.path, follow_symlinks=True)
+                    if entry.is_dir:
+                        key = (entry.device, entry.inode)
+                        chain = (*above, *transfer.chain(keys, top.path, rel))
+                        if key in chain:
+                            result.skipped.append(Skipped(entry.path, transfer.LOOP))
+                            continue
                 if entry.is_dir:
-                    os.makedirs(dest, exist_ok=True)
-                elif entry.type == "file":
-                    total += self._download_file(entry.path, dest, progress).bytes
-                    files += 1
-            return TransferResult(local, total, "", files=files)
-        return self._download_file(remote, local, progress)
+                    reason = transfer.make_local_dir(dest)
+                    if reason:
+                        result.skipped.append(Skipped(entry.path, reason))
+                    elif entry.path not in keys:  # a followed link: its own listing
+                        chain = (*above, *transfer.chain(keys, top.path, rel))
+                        self._download_tree(entry, dest, progress, follow, chain, result)
+                    continue
+                self._download_entry(entry, entry.path, dest, progress, result)
+            except CoworkError as exc:
+                reason = transfer.entry_error(exc)
+                if reason is None:
+                    raise
+                result.skipped.append(Skipped(entry.path, reason))
 
     def _download_file(self, remote: str, local: str, progress: Progress | None) -> TransferResult:
         import hashlib
@@ -432,7 +557,7 @@ class CoworkClient:
                     n += len(chunk)
                     if progress is not None:
                         progress(len(chunk))
-            os.chmod(tmp, info.mode or 0o644)
+            os.chmod(tmp, transfer.local_mode(info.mode))
             os.utime(tmp, ns=(info.mtime_ns, info.mtime_ns))
             os.replace(tmp, local)
         except BaseException:

@@ -68,16 +68,33 @@ class FileInfo:
     mode: int
     mtime_ns: int
     symlink_target: str = ""
+    # For type "other": "fifo", "socket", "character device" or "block device".
+    special: str = ""
+    # st_dev / st_ino in the guest: the same directory met twice (a symlink loop).
+    device: int = 0
+    inode: int = 0
 
     @property
     def is_dir(self) -> bool:
         return self.type == "directory"
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An entry a copy left out, and why (a socket, a dangling link with -L, ...)."""
+
+    path: str
+    reason: str
+
+
 @dataclass
 class TransferResult:
     path: str
     bytes: int
-    sha256: str
+    sha256: str  # of the file; "" for a directory tree
     files: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    # Symlinks created as links (not followed).
+    symlinks: int = 0
+    # What was not copied and why, in the order met.
+    skipped: list[Skipped] = field(default_factory=list)

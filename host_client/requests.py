@@ -119,6 +119,9 @@ def file_info(msg: files_pb2.FileInfo) -> FileInfo:
         mode=msg.mode,
         mtime_ns=msg.mtime_ns,
         symlink_target=msg.symlink_target,
+        special=msg.special,
+        device=msg.device,
+        inode=msg.inode,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,13 @@ from hypothesis import strategies as st
 
 from cowork.agent.v1 import files_pb2, files_pb2_grpc
 from host_client import CoworkClient
-from host_client.errors import AlreadyExists, CoworkError, NotFound, PermissionDenied
+from host_client.errors import (
+    AlreadyExists,
+    CoworkError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 
 from .conftest import AgentProc
 
@@ -247,3 +254,240 @@ def test_download_checksum_matches_upload(
     up = client.upload(str(f), str(workdir / "f.bin"))
     down = client.download(str(workdir / "f.bin"), str(tmp_path / "g.bin"))
     assert up.sha256 == down.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+# -- symlinks: the agent creates them, never follows one out of the root ----------------
+def test_symlink_rpc_creates_a_link_with_its_target_text_unchanged(
+    client: CoworkClient, workdir: Path
+) -> None:
+    info = client.symlink("../some/where", str(workdir / "ln"))
+    assert os.readlink(workdir / "ln") == "../some/where"
+    assert (info.type, info.symlink_target) == ("symlink", "../some/where")
+
+
+def test_symlink_to_outside_is_created_but_reading_through_it_is_refused(
+    client: CoworkClient, workdir: Path, agent: AgentProc
+) -> None:
+    secret = agent.dir / "secret.txt"
+    secret.write_text("root only")
+    client.symlink(str(secret), str(workdir / "ln"))
+    assert os.readlink(workdir / "ln") == str(secret)
+    with pytest.raises(PermissionDenied, match="outside the workspace"):
+        client.read_bytes(str(workdir / "ln"))
+
+
+def test_symlink_without_overwrite_refuses_an_existing_entry(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "f").write_text("keep")
+    with pytest.raises(AlreadyExists):
+        client.symlink("x", str(workdir / "f"), overwrite=False)
+    assert (workdir / "f").read_text() == "keep"
+
+
+def test_symlink_replaces_a_file_but_never_a_directory(client: CoworkClient, workdir: Path) -> None:
+    (workdir / "f").write_text("old")
+    (workdir / "d").mkdir()
+    client.symlink("x", str(workdir / "f"))
+    assert os.readlink(workdir / "f") == "x"
+    with pytest.raises(CoworkError) as err:
+        client.symlink("x", str(workdir / "d"))
+    assert err.value.code == "FAILED_PRECONDITION" and (workdir / "d").is_dir()
+
+
+@pytest.mark.parametrize("target", ["", "a\x00b", "x" * 4096])
+def test_symlink_with_a_bad_target_is_invalid_argument(
+    client: CoworkClient, workdir: Path, target: str
+) -> None:
+    with pytest.raises(InvalidArgument):
+        client.symlink(target, str(workdir / "ln"))
+    assert not os.path.lexists(workdir / "ln")
+
+
+def test_symlink_leaves_no_temporary_link_behind(client: CoworkClient, workdir: Path) -> None:
+    client.symlink("a", str(workdir / "ln"))
+    client.symlink("b", str(workdir / "ln"))
+    assert os.listdir(workdir) == ["ln"]
+
+
+def test_stat_follow_symlinks_describes_an_in_root_target(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "d").mkdir()
+    (workdir / "ln").symlink_to("d")
+    assert client.stat(str(workdir / "ln")).type == "symlink"
+    followed = client.stat(str(workdir / "ln"), follow_symlinks=True)
+    assert (followed.type, followed.path) == ("directory", str(workdir / "ln"))
+
+
+def test_stat_follow_symlinks_refuses_a_link_out_of_the_root(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "ln").symlink_to("/etc")
+    with pytest.raises(PermissionDenied):
+        client.stat(str(workdir / "ln"), follow_symlinks=True)
+
+
+def test_relative_symlink_inside_the_root_is_followed_for_read(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "real").mkdir()
+    (workdir / "real" / "f").write_text("inside")
+    (workdir / "cur").symlink_to("real")
+    assert client.read_file(str(workdir / "cur" / "f")) == "inside"
+
+
+def test_absolute_symlink_is_refused_even_when_it_points_into_the_root(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "real").mkdir()
+    (workdir / "real" / "f").write_text("inside")
+    (workdir / "abs").symlink_to(workdir / "real")
+    with pytest.raises(PermissionDenied):
+        client.read_file(str(workdir / "abs" / "f"))
+
+
+def test_write_with_create_parents_under_an_escaping_symlink_is_refused(
+    client: CoworkClient, workdir: Path, agent: AgentProc
+) -> None:
+    outside = agent.dir / "outside-parents"
+    outside.mkdir(exist_ok=True)
+    (workdir / "out").symlink_to(outside)
+    with pytest.raises(PermissionDenied):
+        client.write_file(str(workdir / "out" / "new" / "f"), "x", create_parents=True)
+    with pytest.raises(PermissionDenied):
+        client.mkdir(str(workdir / "out" / "new2" / "d"), parents=True)
+    assert os.listdir(outside) == []
+
+
+def test_list_does_not_descend_into_symlinked_directories(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "real").mkdir()
+    (workdir / "real" / "f").write_text("x")
+    (workdir / "ln").symlink_to("real")
+    paths = {e.path: e for e in client.list_dir(str(workdir), recursive=True)}
+    assert str(workdir / "real" / "f") in paths
+    assert not any(p.startswith(str(workdir / "ln") + "/") for p in paths)
+    assert paths[str(workdir / "ln")].symlink_target == "real"
+
+
+def test_list_names_the_kind_of_a_special_file(client: CoworkClient, workdir: Path) -> None:
+    os.mkfifo(workdir / "pipe")
+    [entry] = client.list_dir(str(workdir))
+    assert (entry.type, entry.special) == ("other", "fifo")
+
+
+def test_read_of_a_fifo_is_failed_precondition_and_does_not_block(
+    client: CoworkClient, workdir: Path
+) -> None:
+    os.mkfifo(workdir / "pipe")
+    with pytest.raises(CoworkError, match="fifo") as err:
+        client.read_bytes(str(workdir / "pipe"))
+    assert err.value.code == "FAILED_PRECONDITION"
+
+
+def test_recursive_remove_removes_links_not_what_they_point_to(
+    client: CoworkClient, workdir: Path, agent: AgentProc
+) -> None:
+    outside = agent.dir / "keep-dir"
+    outside.mkdir(exist_ok=True)
+    (outside / "keep.txt").write_text("keep")
+    (workdir / "tree" / "sub").mkdir(parents=True)
+    (workdir / "tree" / "sub" / "f").write_text("x")
+    (workdir / "tree" / "sub" / "dirlink").symlink_to(outside)
+    (workdir / "tree" / "filelink").symlink_to(outside / "keep.txt")
+    client.remove(str(workdir / "tree"), recursive=True)
+    assert not (workdir / "tree").exists()
+    assert (outside / "keep.txt").read_text() == "keep"
+
+
+def test_rename_without_overwrite_refuses_an_existing_file(
+    client: CoworkClient, workdir: Path
+) -> None:
+    (workdir / "a").write_text("a")
+    (workdir / "b").write_text("b")
+    with pytest.raises(AlreadyExists):
+        client.rename(str(workdir / "a"), str(workdir / "b"))
+    assert (workdir / "b").read_text() == "b"
+    client.rename(str(workdir / "a"), str(workdir / "b"), overwrite=True)
+    assert (workdir / "b").read_text() == "a"
+
+
+def test_rename_moves_a_symlink_not_its_target(client: CoworkClient, workdir: Path) -> None:
+    (workdir / "d").mkdir()
+    (workdir / "ln").symlink_to("d")
+    client.rename(str(workdir / "ln"), str(workdir / "ln2"))
+    assert os.readlink(workdir / "ln2") == "d" and (workdir / "d").is_dir()
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_files_rpcs_leave_no_descriptor_open(own_agent: AgentProc) -> None:
+    ws = own_agent.root
+    (ws / "esc").symlink_to("/etc")
+    (ws / "d").mkdir()
+    os.mkfifo(ws / "pipe")
+    stub, ch, md = _stub(own_agent)
+
+    def cut_write() -> Any:
+        yield files_pb2.WriteRequest(header=files_pb2.WriteHeader(path=str(ws / "d" / "cut")))
+        yield files_pb2.WriteRequest(data=b"x" * 1000)
+        raise RuntimeError("client gone mid-upload")
+
+    def round_of_calls(i: int) -> None:
+        with own_agent.client() as c:
+            c.write_file(f"d/sub{i}/f", "x")
+            c.read_bytes(f"d/sub{i}/f")
+            c.list_dir("d", recursive=True)
+            c.symlink("f", f"d/sub{i}/ln")
+            c.stat(f"d/sub{i}/ln", follow_symlinks=True)
+            c.rename(f"d/sub{i}", f"d/moved{i}")
+            for bad in (
+                lambda: c.read_bytes("esc/hostname"),
+                lambda: c.read_bytes("pipe"),
+                lambda: c.list_dir("esc"),
+                lambda: c.write_file("esc/x/y", "x"),
+                lambda: c.mkdir("esc/x/y"),
+                lambda: c.read_bytes("d/nope"),
+                lambda: c.remove("d/nope"),
+            ):
+                with pytest.raises(CoworkError):
+                    bad()
+            _, chunks = c.read_chunks(f"d/moved{i}/f")  # opened, then abandoned
+            del chunks
+            c.remove(f"d/moved{i}", recursive=True)
+        with pytest.raises(grpc.RpcError):
+            stub.Write(cut_write(), metadata=md)
+
+    round_of_calls(0)  # warm-up: the server's own lazily opened descriptors
+    from .conftest import wait_until
+
+    time.sleep(0.5)
+    before = _fd_count(own_agent.pid)
+    for i in range(1, 30):
+        round_of_calls(i)
+    ch.close()
+    assert wait_until(lambda: _fd_count(own_agent.pid) <= before, 10.0), (
+        before,
+        os.listdir(f"/proc/{own_agent.pid}/fd"),
+    )
+    assert sorted(os.listdir(ws / "d")) == []
+
+
+def test_unrestricted_agent_reads_and_writes_anywhere(tmp_path: Path) -> None:
+    from .conftest import make_agent
+
+    a = make_agent(["--unrestricted-files"])
+    try:
+        (a.root / "abs").symlink_to(tmp_path)
+        with a.client() as c:
+            c.write_file(str(tmp_path / "out.txt"), "written")
+            assert c.read_file(str(a.root / "abs" / "out.txt")) == "written"
+            c.symlink("out.txt", str(tmp_path / "ln"))
+            c.remove(str(tmp_path / "out.txt"))
+        assert os.listdir(tmp_path) == ["ln"]
+    finally:
+        a.stop()

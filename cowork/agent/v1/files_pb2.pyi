@@ -3,9 +3,17 @@
 isort:skip_file
 cowork guest agent contract: files.
 
-Paths are absolute, or relative to the first workspace root. Unless the
-agent runs with --unrestricted-files, a path that resolves (after
-symlinks) outside every workspace root is refused with PERMISSION_DENIED.
+Paths are absolute, or relative to the first workspace root; "." and ".."
+are applied to the text (like os.path.normpath) before anything else.
+Unless the agent runs with --unrestricted-files, a path must then lie under
+a workspace root, and the agent resolves it below that root's directory
+with the kernel's RESOLVE_BENEATH rules: a symlink on the way (or a final
+one for Read, List and Stat with follow_symlinks) is followed only when its
+target is relative and stays inside the root; an absolute symlink, or one
+that climbs out, is refused with PERMISSION_DENIED, as is a path outside
+every root. Operations on an entry itself never follow a final symlink
+(Stat reports it, Write and Symlink replace it, Remove removes it, Rename
+moves it). The checks hold while the workspace changes under the call.
 Missing paths give NOT_FOUND; wrong kinds (a directory where a file is
 needed) give FAILED_PRECONDITION; malformed requests INVALID_ARGUMENT.
 """
@@ -58,8 +66,13 @@ class FileInfo(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     MTIME_NS_FIELD_NUMBER: _builtins.int
     SYMLINK_TARGET_FIELD_NUMBER: _builtins.int
+    SPECIAL_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    INODE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
-    """Path as the agent resolved it (absolute, not following a final symlink)."""
+    """The requested path made absolute and normalised (symlinks not expanded);
+    for List entries, the listed directory's path joined with the names.
+    """
     name: _builtins.str
     type: Global___FileType.ValueType
     size: _builtins.int
@@ -69,6 +82,13 @@ class FileInfo(_message.Message):
     """Modification time, nanoseconds since the epoch."""
     symlink_target: _builtins.str
     """Target of a symlink (only for FILE_TYPE_SYMLINK)."""
+    special: _builtins.str
+    """What a FILE_TYPE_OTHER is: "fifo", "socket", "character device",
+    "block device" (empty for the other types).
+    """
+    device: _builtins.int
+    """st_dev and st_ino: identify a directory already visited (loop checks)."""
+    inode: _builtins.int
     def __init__(
         self,
         *,
@@ -79,10 +99,13 @@ class FileInfo(_message.Message):
         mode: _builtins.int = ...,
         mtime_ns: _builtins.int = ...,
         symlink_target: _builtins.str = ...,
+        special: _builtins.str = ...,
+        device: _builtins.int = ...,
+        inode: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "mtime_ns", b"mtime_ns", "name", b"name", "path", b"path", "size", b"size", "symlink_target", b"symlink_target", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "inode", b"inode", "mode", b"mode", "mtime_ns", b"mtime_ns", "name", b"name", "path", b"path", "size", b"size", "special", b"special", "symlink_target", b"symlink_target", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -93,15 +116,21 @@ class StatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PATH_FIELD_NUMBER: _builtins.int
+    FOLLOW_SYMLINKS_FIELD_NUMBER: _builtins.int
     path: _builtins.str
+    follow_symlinks: _builtins.bool
+    """Describe what a final symlink points to (within the rules above) instead
+    of the link; `path` stays the requested one.
+    """
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
+        follow_symlinks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow_symlinks", b"follow_symlinks", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -430,3 +459,41 @@ class RenameRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenameRequest: _TypeAlias = RenameRequest  # noqa: Y015
+
+@_typing.final
+class SymlinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    CREATE_PARENTS_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    MTIME_NS_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The link to create."""
+    target: _builtins.str
+    """What it points to: any non-empty string without NUL, at most 4095 bytes."""
+    create_parents: _builtins.bool
+    """Create missing parent directories (inside the roots)."""
+    overwrite: _builtins.bool
+    """Replace an existing file or symlink (never a directory). When false and
+    the path exists the call fails with ALREADY_EXISTS.
+    """
+    mtime_ns: _builtins.int
+    """Optional modification time of the link, nanoseconds since the epoch."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        target: _builtins.str = ...,
+        create_parents: _builtins.bool = ...,
+        overwrite: _builtins.bool = ...,
+        mtime_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_parents", b"create_parents", "mtime_ns", b"mtime_ns", "overwrite", b"overwrite", "path", b"path", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SymlinkRequest: _TypeAlias = SymlinkRequest  # noqa: Y015

@@ -69,6 +69,11 @@ class FilesStub:
                 request_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.RenameRequest.SerializeToString,
                 response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
                 _registered_method=True)
+        self.Symlink = channel.unary_unary(
+                '/cowork.agent.v1.Files/Symlink',
+                request_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+                _registered_method=True)
 
 
 class FilesServicer:
@@ -123,6 +128,15 @@ class FilesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Symlink(self, request, context):
+        """Create a symlink (atomically: a temporary link renamed into place). The
+        target is stored as given and may point anywhere; the agent itself never
+        follows it out of the root (see above).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FilesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +173,11 @@ def add_FilesServicer_to_server(servicer, server):
             'Rename': grpc.unary_unary_rpc_method_handler(
                     servicer.Rename,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.RenameRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+            ),
+            'Symlink': grpc.unary_unary_rpc_method_handler(
+                    servicer.Symlink,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkRequest.FromString,
                     response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
             ),
     }
@@ -350,6 +369,33 @@ class Files:
             target,
             '/cowork.agent.v1.Files/Rename',
             cowork_dot_agent_dot_v1_dot_files__pb2.RenameRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Symlink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowork.agent.v1.Files/Symlink',
+            cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkRequest.SerializeToString,
             cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
             options,
             channel_credentials,

@@ -3,9 +3,17 @@
 isort:skip_file
 cowork guest agent contract: files.
 
-Paths are absolute, or relative to the first workspace root. Unless the
-agent runs with --unrestricted-files, a path that resolves (after
-symlinks) outside every workspace root is refused with PERMISSION_DENIED.
+Paths are absolute, or relative to the first workspace root; "." and ".."
+are applied to the text (like os.path.normpath) before anything else.
+Unless the agent runs with --unrestricted-files, a path must then lie under
+a workspace root, and the agent resolves it below that root's directory
+with the kernel's RESOLVE_BENEATH rules: a symlink on the way (or a final
+one for Read, List and Stat with follow_symlinks) is followed only when its
+target is relative and stays inside the root; an absolute symlink, or one
+that climbs out, is refused with PERMISSION_DENIED, as is a path outside
+every root. Operations on an entry itself never follow a final symlink
+(Stat reports it, Write and Symlink replace it, Remove removes it, Rename
+moves it). The checks hold while the workspace changes under the call.
 Missing paths give NOT_FOUND; wrong kinds (a directory where a file is
 needed) give FAILED_PRECONDITION; malformed requests INVALID_ARGUMENT.
 """
@@ -53,6 +61,11 @@ class FilesStub:
     Remove: _grpc.UnaryUnaryMultiCallable[_files_pb2.RemoveRequest, _files_pb2.RemoveResponse]
     MakeDir: _grpc.UnaryUnaryMultiCallable[_files_pb2.MakeDirRequest, _files_pb2.FileInfo]
     Rename: _grpc.UnaryUnaryMultiCallable[_files_pb2.RenameRequest, _files_pb2.FileInfo]
+    Symlink: _grpc.UnaryUnaryMultiCallable[_files_pb2.SymlinkRequest, _files_pb2.FileInfo]
+    """Create a symlink (atomically: a temporary link renamed into place). The
+    target is stored as given and may point anywhere; the agent itself never
+    follows it out of the root (see above).
+    """
 
 @_typing.type_check_only
 class FilesAsyncStub(FilesStub):
@@ -72,6 +85,11 @@ class FilesAsyncStub(FilesStub):
     Remove: _aio.UnaryUnaryMultiCallable[_files_pb2.RemoveRequest, _files_pb2.RemoveResponse]  # type: ignore[assignment]
     MakeDir: _aio.UnaryUnaryMultiCallable[_files_pb2.MakeDirRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
     Rename: _aio.UnaryUnaryMultiCallable[_files_pb2.RenameRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
+    Symlink: _aio.UnaryUnaryMultiCallable[_files_pb2.SymlinkRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
+    """Create a symlink (atomically: a temporary link renamed into place). The
+    target is stored as given and may point anywhere; the agent itself never
+    follows it out of the root (see above).
+    """
 
 class FilesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -130,5 +148,16 @@ class FilesServicer(metaclass=_abc_1.ABCMeta):
         request: _files_pb2.RenameRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Symlink(
+        self,
+        request: _files_pb2.SymlinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]:
+        """Create a symlink (atomically: a temporary link renamed into place). The
+        target is stored as given and may point anywhere; the agent itself never
+        follows it out of the root (see above).
+        """
 
 def add_FilesServicer_to_server(servicer: FilesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
