@@ -11,15 +11,23 @@ from typing import Any
 from .common import fail, human_bytes, make_client, print_json
 
 CP_HELP = """\
-Copy files or directory trees between this host and the sandbox, like `docker cp`.
-Write a sandbox path as vm:PATH (relative paths are under the workspace root).
-Each file lands atomically (all or nothing) and is checked by size and SHA-256.
-When DST is an existing directory, SRC is copied into it.
+Copy files or directory trees between this host and the sandbox, like `cp -a` or
+`docker cp`. Write a sandbox path as vm:PATH (relative paths are under the
+workspace root). Each file lands atomically (all or nothing) and is checked by
+size and SHA-256. When DST is an existing directory, SRC is copied into it.
+
+Symlinks are copied as symlinks (their target text unchanged) in both
+directions, SRC itself included; nothing is read through a link unless you ask
+with -L (as `cp -L`; in the sandbox only links that stay inside the workspace
+can be followed). Sockets, FIFOs and devices are skipped; each skip is one
+"coworkctl: skipped PATH: REASON" line on stderr (and in --json), and the
+copy still exits 0, like tar's "socket ignored".
 
 examples:
   coworkctl cp ./report.pdf vm:/workspace/
   coworkctl cp -r ./src vm:/workspace/src
   coworkctl cp vm:/workspace/out ./out
+  coworkctl cp -L ./linked-config vm:/workspace/config   # copy what the link points to
 """
 
 
@@ -31,6 +39,12 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-r", "--recursive", action="store_true", help="accepted for habit; dirs copy")
+    p.add_argument(
+        "-L",
+        "--dereference",
+        action="store_true",
+        help="follow symlinks and copy what they point to (default: copy links as links)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("src")
     p.add_argument("dst")
@@ -76,7 +90,7 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         rate = self.done / max(now - self.t0, 1e-6)
-        frac = self.done / self.total if self.total else 1.0
+        frac = min(self.done / self.total, 1.0) if self.total else 1.0
         width = 30
         bar = "#" * int(frac * width)
         sys.stderr.write(
@@ -91,55 +105,54 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _local_size(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
-        )
-    return os.path.getsize(path)
-
-
 def cmd_cp(args: argparse.Namespace) -> int:
     src_r, dst_r = _remote(args.src), _remote(args.dst)
     if (src_r is None) == (dst_r is None):
         fail("cp needs exactly one side written as vm:PATH", 2)
     show = not args.quiet and not args.json and sys.stderr.isatty()
+    follow = args.dereference
     client = make_client(args)
     try:
         if dst_r is not None:  # upload
+            from ..transfer import local_size
+
             src = args.src
-            if not os.path.exists(src):
+            if not os.path.lexists(src):
                 fail(f"no such local file or directory: {src}")
             dest = dst_r
             try:
-                if client.stat(dest).is_dir:
+                if client.stat(dest, follow_symlinks=True).is_dir:
                     dest = f"{dest.rstrip('/')}/{os.path.basename(os.path.abspath(src))}"
             except Exception as exc:  # NotFound: dest is the new name
                 if getattr(exc, "code", "") != "NOT_FOUND":
                     raise
-            bar = Progress(_local_size(src), os.path.basename(src), show)
-            result = client.upload(src, dest, progress=bar)
+            bar = Progress(local_size(src, follow), os.path.basename(src), show)
+            result = client.upload(src, dest, progress=bar, follow_symlinks=follow)
         else:
             assert src_r is not None
-            info = client.stat(src_r)
+            info = client.stat(src_r, follow_symlinks=follow)
             dest = args.dst
             if os.path.isdir(dest):
                 dest = os.path.join(dest, info.name)
-            total = info.size
+            total = info.size if info.type == "file" else 0
             if info.is_dir:
                 total = sum(e.size for e in client.list_dir(src_r, True) if e.type == "file")
             bar = Progress(total, info.name, show)
-            result = client.download(src_r, dest, progress=bar)
+            result = client.download(src_r, dest, progress=bar, follow_symlinks=follow)
         bar.finish()
     finally:
         client.close()
+    for skip in result.skipped:
+        print(f"coworkctl: skipped {skip.path}: {skip.reason}", file=sys.stderr)
     if args.json:
         print_json(
             {
                 "path": result.path,
                 "bytes": result.bytes,
                 "files": result.files,
+                "symlinks": result.symlinks,
                 "sha256": result.sha256,
+                "skipped": [{"path": s.path, "reason": s.reason} for s in result.skipped],
             }
         )
     return 0
