@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,7 @@ def race_agent(
     monkeypatch.delenv("COWORK_FILES_RESOLVER", raising=False)
     yield agent
     agent.stop()
+    shutil.rmtree(agent.dir, ignore_errors=True)
 
 
 def prepare(agent: AgentProc, owner: tuple[int, int] | None = None) -> Path:
