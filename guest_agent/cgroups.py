@@ -89,6 +89,13 @@ class RunCgroup:
             pass
         return 0
 
+    def procs(self) -> list[int]:
+        """Pids in the cgroup now (leftovers of the run once its main process is gone)."""
+        try:
+            return [int(p) for p in _read(os.path.join(self.path, "cgroup.procs")).split()]
+        except (OSError, ValueError):
+            return []
+
     def kill(self) -> None:
         """SIGKILL everything still in the cgroup (kernel >= 5.14), else signal each pid."""
         try:

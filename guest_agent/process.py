@@ -45,10 +45,15 @@ from cowork.defaults import (
 from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
 from .policy import Limits
+from .reaper import REAPER, Run
 from .rpc import Context, add_bytes, audit, first_message
 from .sandbox import Boxed, Launch, Sandbox, require_tool
 
 _SCRUBBED_ENV_PREFIXES = ("COWORK_",)
+# Once everything of a run is gone, how long an output pipe may stay open with
+# no data before the agent stops reading it (something outside the run holds
+# it: the stream must end anyway).
+PIPE_DRAIN_SECONDS = 1.0
 
 
 def base_environment() -> dict[str, str]:
@@ -97,6 +102,8 @@ class Spawned:
     # Sandboxed: what must happen after Popen, and the started box.
     launch: Launch | None = None
     box: Boxed | None = None
+    # The run's marker and registration with the reaper (leftovers, restart clean-up).
+    run: Run | None = None
 
     async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
         """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise.
@@ -190,6 +197,7 @@ class Spawned:
         if not self.reaped:
             self.returncode = self.popen.wait()
             self.reaped = True
+            REAPER.untrack(self.pid)
             if self.pidfd is not None:
                 asyncio.get_running_loop().remove_reader(self.pidfd)
                 os.close(self.pidfd)
@@ -215,8 +223,20 @@ class Spawned:
                     self.signal_group(signal.SIGKILL)
                     await self.wait_exited()
             self.reap()
-        # Stragglers: children left in the group (backgrounded jobs, daemons).
-        # After the reap the group exists only if someone else is in it.
+        await self.clear_leftovers(grace)
+
+    async def clear_leftovers(self, grace: float) -> None:
+        """Stop what the run left behind once its main process is gone.
+
+        That is its group (backgrounded jobs; after the reap the group exists
+        only if someone else is in it) and, through the reaper, whatever left
+        the group or the session (setsid, double fork) or sits in the run's
+        cgroup: all get SIGTERM at once, and SIGKILL after `grace`.
+        """
+        cgroup = self.launch.cgroup if self.launch is not None else None
+        if self.run is not None:
+            await REAPER.terminate(self.run, grace, cgroup, group=self.signal_group)
+            return
         if self.signal_group(0):
             self.signal_group(signal.SIGTERM)
             deadline = time.monotonic() + grace
@@ -232,6 +252,8 @@ class Spawned:
 
     def close_fds(self) -> None:
         """Release everything the run holds: our pipe/PTY ends, the box, the run's cgroup."""
+        if self.run is not None:
+            REAPER.end_run(self.run)
         if self.box is not None:
             self.box.close()
         if self.launch is not None:
@@ -334,6 +356,10 @@ def spawn(
             launch = None  # nothing wraps it: the direct path below keeps argv[0]
         else:
             env = launch.env
+    # Inherited by everything the process starts: how the reaper finds what
+    # left the process group (see reaper.py).
+    run = REAPER.new_run()
+    env = {**env, **run.env}
     master: int | None = None
     parent_fds: list[int] = []
     child_fds: list[int] = []
@@ -393,6 +419,7 @@ def spawn(
             for fd in parent_fds:
                 _set_nonblocking(fd)
     except OSError as exc:
+        REAPER.end_run(run)
         for fd in parent_fds + ([master] if master is not None else []):
             os.close(fd)
         if launch is not None:
@@ -404,11 +431,15 @@ def spawn(
                 grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
             ) from None
         raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start {argv[0]}: {exc}") from None
+    except BaseException:
+        REAPER.end_run(run)
+        raise
     finally:
         for fd in child_fds:
             os.close(fd)
         if launch is not None:
             launch.close_child_fds()
+    REAPER.track(popen.pid, run)
     sp = Spawned(
         popen=popen,
         pid=popen.pid,
@@ -416,6 +447,7 @@ def spawn(
         out_fds=out_fds,
         pty_master=master,
         launch=launch,
+        run=run,
     )
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
@@ -425,23 +457,63 @@ def spawn(
     return sp
 
 
-async def pump(fd: int, name: str, sink: Callable[[str, bytes], Any]) -> None:
+class PipeWatch:
+    """Which output fds are waiting for data, and since when (for `drain`).
+
+    A pump waiting on its consumer (back-pressure) is not idle: output a slow
+    client has not taken yet is never cut.
+    """
+
+    def __init__(self) -> None:
+        self.idle_since: dict[int, float | None] = {}
+
+    def stuck(self, seconds: float) -> bool:
+        """Every unfinished pump has waited `seconds` for data that does not come."""
+        now = time.monotonic()
+        waits = self.idle_since.values()
+        return bool(waits) and all(t is not None and now - t >= seconds for t in waits)
+
+
+async def pump(
+    fd: int, name: str, sink: Callable[[str, bytes], Any], watch: PipeWatch | None = None
+) -> None:
     """Read `fd` to EOF, handing each chunk to `sink` (awaited: that is the back-pressure)."""
-    while True:
-        try:
-            data = os.read(fd, OUTPUT_CHUNK)
-        except BlockingIOError:
-            await _wait_fd(fd)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # PTY: the slave side is closed
+    if watch is not None:
+        watch.idle_since[fd] = None
+    try:
+        while True:
+            try:
+                data = os.read(fd, OUTPUT_CHUNK)
+            except BlockingIOError:
+                if watch is None:
+                    await _wait_fd(fd)
+                else:
+                    watch.idle_since[fd] = time.monotonic()
+                    await _wait_fd(fd)
+                    watch.idle_since[fd] = None
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # PTY: the slave side is closed
+                    return
+                raise
+            if not data:
                 return
-            raise
-        if not data:
+            result = sink(name, data)
+            if asyncio.iscoroutine(result):
+                await result
+    finally:
+        if watch is not None:
+            watch.idle_since.pop(fd, None)
+
+
+async def drain(readers: asyncio.Future[Any], watch: PipeWatch, seconds: float) -> None:
+    """Wait for `readers` (the pumps) to reach EOF; cancel them once every pipe has been
+    idle for `seconds` (called when nothing of the run is left to write to them)."""
+    while not readers.done():
+        if watch.stuck(seconds):
+            readers.cancel()
             return
-        result = sink(name, data)
-        if asyncio.iscoroutine(result):
-            await result
+        await asyncio.wait([readers], timeout=0.05)
 
 
 async def write_all(fd: int, data: bytes) -> None:
@@ -487,9 +559,11 @@ class ProcessService(pb_grpc.ProcessServicer):
             else:
                 await queue.put(pb.ExecResponse(stderr=data))
 
+        watch = PipeWatch()
+
         async def outputs() -> None:
             try:
-                await asyncio.gather(*(pump(fd, name, to_queue) for name, fd in sp.out_fds))
+                await asyncio.gather(*(pump(fd, name, to_queue, watch) for name, fd in sp.out_fds))
             finally:
                 await queue.put(None)
 
@@ -526,6 +600,8 @@ class ProcessService(pb_grpc.ProcessServicer):
             # Output may still be in flight; reap and clear stragglers so that
             # pipes held by background children reach EOF.
             await sp.teardown(self.kill_grace)
+            # A pipe still open now is held from outside the run: stop reading it.
+            await drain(tasks[0], watch, PIPE_DRAIN_SECONDS)
 
         tasks = [
             asyncio.ensure_future(outputs()),
@@ -588,7 +664,9 @@ class ProcessService(pb_grpc.ProcessServicer):
             sp.close_stdin()
 
         timed_out = False
-        work = asyncio.gather(feed(), *(pump(fd, name, collect) for name, fd in sp.out_fds))
+        watch = PipeWatch()
+        readers = asyncio.gather(*(pump(fd, name, collect, watch) for name, fd in sp.out_fds))
+        work = asyncio.gather(feed(), readers)
         clear = asyncio.ensure_future(self._exit_then_clear(sp))
         try:
             try:
@@ -597,8 +675,12 @@ class ProcessService(pb_grpc.ProcessServicer):
             except asyncio.TimeoutError:
                 timed_out = True
                 await sp.teardown(self.kill_grace)
-            await work
             await clear
+            # Nothing of the run is left: a pipe still open is held from outside it.
+            await drain(readers, watch, PIPE_DRAIN_SECONDS)
+            if not readers.cancelled():
+                readers.result()  # a read error surfaces
+            work.cancel()  # the process is gone: stdin it did not take never will be
             exit_msg = sp.exit_message(timed_out=timed_out)
         finally:
             work.cancel()

@@ -25,7 +25,7 @@ from cowork.agent.v1 import (
 )
 from cowork.defaults import MAX_MESSAGE_BYTES
 
-from . import claude, listeners
+from . import claude, listeners, reaper
 from . import policy as pol
 from .cgroups import Cgroups
 from .config import AgentConfig
@@ -147,6 +147,8 @@ class AgentServer:
             from . import vsock
 
             self._relays = await vsock.start_relays(self.server, vsocks)
+        # Subreaper, guardian and a previous life's leftovers: before any run can start.
+        reaper.REAPER.install(reaper.state_file_for(self.cfg.listen, reaper.default_run_dir()))
         await self.server.start()
         for listen in self.listens:
             if listen.kind == "unix":
@@ -162,6 +164,7 @@ class AgentServer:
             if close is not None:
                 close()
         await self.server.stop(grace)
+        reaper.REAPER.close()
 
     async def serve_forever(self) -> None:
         await self.start()

@@ -163,18 +163,22 @@ def test_200_concurrent_execs_all_return_their_own_output(client: CoworkClient) 
 
 def test_background_children_do_not_outlive_the_stream(client: CoworkClient) -> None:
     marker = f"cw-bg-{uuid.uuid4().hex}"
-    result = client.run(
-        ["sh", "-c", f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo started"]
+    ready = f"/tmp/{marker}.ready"  # the child runs before the command ends
+    script = (
+        f"(touch {ready}; exec -a {marker} sleep 300) >/dev/null 2>&1 & "
+        f"until [ -e {ready} ]; do sleep 0.01; done; rm {ready}; echo started"
     )
+    result = client.run(["bash", "-c", script])  # bash: dash has no `exec -a`
     assert result.output == "started\n"
     assert wait_until(lambda: not processes_with(marker), 3.0)
 
 
 def test_cancelled_stream_kills_the_process(client: CoworkClient) -> None:
     marker = f"cw-cancel-{uuid.uuid4().hex}"
-    stream = client.exec(["sh", "-c", f"echo go; exec -a {marker} sleep 300"])
+    stream = client.exec(["bash", "-c", f"echo go; exec -a {marker} sleep 300"])
     for ev in stream:
         if isinstance(ev, Output):
+            assert wait_until(lambda: bool(processes_with(marker)), 5.0)
             break  # leaving the iteration cancels the call
     assert wait_until(lambda: not processes_with(marker), 3.0)
 
@@ -192,7 +196,7 @@ def test_sigkilled_client_leaves_no_process_behind(agent: AgentProc) -> None:
             str(agent.token_file),
             "exec",
             "--",
-            "sh",
+            "bash",
             "-c",
             f"echo up; exec -a {marker} sleep 300",
         ],
@@ -212,9 +216,10 @@ def test_sigkilled_client_leaves_no_process_behind(agent: AgentProc) -> None:
 def test_term_resistant_process_is_killed_after_grace(client: CoworkClient) -> None:
     marker = f"cw-stubborn-{uuid.uuid4().hex}"
     script = f"trap '' TERM; echo armed; exec -a {marker} sh -c \"trap '' TERM; sleep 300\""
-    stream = client.exec(["sh", "-c", script])
+    stream = client.exec(["bash", "-c", script])
     for ev in stream:
         if isinstance(ev, Output):
+            assert wait_until(lambda: bool(processes_with(marker)), 5.0)
             break
     assert wait_until(lambda: not processes_with(marker), 5.0)
 
@@ -285,7 +290,7 @@ def test_sigkilled_client_of_a_unary_run_leaves_no_process(agent: AgentProc) -> 
     code = (
         "import sys; from host_client import CoworkClient; "
         f"c = CoworkClient({agent.target!r}, {str(agent.token_file)!r}); "
-        f"c.run(['sh', '-c', 'exec -a {marker} sleep 300'])"
+        f"c.run(['bash', '-c', 'exec -a {marker} sleep 300'])"
     )
     cli = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     assert wait_until(lambda: bool(processes_with(marker)), 10.0)
