@@ -28,6 +28,9 @@ from .egress import DEFAULT_ALLOW, DomainPolicy
 
 SANDBOX_MODES = ("none", "bwrap")
 PRESETS = ("default", "offline")
+# cpu.max takes a quota in microseconds per 100 ms period; past this it means nothing
+# (and .inf / .nan cannot be turned into a quota at all).
+MAX_CPUS = 1_000_000
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -162,8 +165,10 @@ def _limits(obj: Any, where: str, with_max: bool) -> tuple[Limits, Limits]:
     if isinstance(pids, bool) or not isinstance(pids, int) or pids < 0:
         raise PolicyError(f"policy: {where}.pids must be a whole number >= 0, not {pids!r}")
     cpus = d.get("cpus", 0)
-    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus < 0:
-        raise PolicyError(f"policy: {where}.cpus must be a number >= 0, not {cpus!r}")
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 <= cpus <= MAX_CPUS:
+        raise PolicyError(
+            f"policy: {where}.cpus must be a number from 0 to {MAX_CPUS}, not {cpus!r}"
+        )
     own = Limits(
         memory_bytes=parse_size(d.get("memory", 0), f"{where}.memory"),
         pids=pids,
@@ -199,6 +204,8 @@ def parse(text: str) -> Policy:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise PolicyError(f"policy: not valid YAML{where}") from None
+    except RecursionError:
+        raise PolicyError("policy: the document is nested too deeply") from None
     d = _keys(doc, {"sandbox", "network", "limits"}, "")
     sandbox = d.get("sandbox", "none")
     if sandbox not in SANDBOX_MODES:

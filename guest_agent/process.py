@@ -44,7 +44,7 @@ from cowork.defaults import (
 
 from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
-from .policy import Limits
+from .policy import MAX_CPUS, Limits
 from .reaper import REAPER, Run
 from .rpc import Context, add_bytes, audit, first_message
 from .sandbox import Boxed, Launch, Sandbox, require_tool
@@ -54,6 +54,8 @@ _SCRUBBED_ENV_PREFIXES = ("COWORK_",)
 # no data before the agent stops reading it (something outside the run holds
 # it: the stream must end anyway).
 PIPE_DRAIN_SECONDS = 1.0
+# What execve takes for argv + environment in all (E2BIG beyond it; 128 KiB per string).
+_ARG_MAX = os.sysconf("SC_ARG_MAX")
 
 
 def base_environment() -> dict[str, str]:
@@ -78,6 +80,12 @@ async def _wait_fd(fd: int, write: bool = False) -> None:
 
 def _set_nonblocking(fd: int) -> None:
     os.set_blocking(fd, False)
+
+
+def _check_size(rows: int, cols: int) -> None:
+    """A terminal size the kernel can hold (struct winsize has 16-bit fields)."""
+    if rows > 0xFFFF or cols > 0xFFFF:
+        raise invalid(f"terminal size {rows}x{cols} is out of range (at most 65535x65535)")
 
 
 def _winsize(rows: int, cols: int) -> bytes:
@@ -286,6 +294,8 @@ class Spawned:
 
 def _resolve_cwd(spec: pb.ProcessSpec, paths: PathPolicy) -> str:
     cwd = spec.cwd or paths.default_dir
+    if "\x00" in cwd:
+        raise invalid("cwd contains a NUL byte")
     if not os.path.isabs(cwd):
         cwd = os.path.join(paths.default_dir, cwd)
     if not os.path.exists(cwd):
@@ -299,6 +309,8 @@ def _argv(spec: pb.ProcessSpec) -> list[str]:
     if spec.argv and spec.shell:
         raise invalid("give either argv or shell, not both")
     if spec.shell:
+        if "\x00" in spec.shell:
+            raise invalid("shell contains a NUL byte")
         return ["/bin/sh", "-c", spec.shell]
     if not spec.argv:
         raise invalid("nothing to run: argv and shell are both empty")
@@ -317,6 +329,8 @@ def _environment(spec: pb.ProcessSpec) -> dict[str, str]:
             raise invalid(f"invalid environment variable name or value: {k!r}")
         env[k] = v
     if spec.pty:
+        if "\x00" in spec.term:
+            raise invalid("term contains a NUL byte")
         env["TERM"] = spec.term or env.get("TERM") or DEFAULT_TERM
     return env
 
@@ -325,8 +339,8 @@ def limits_of(msg: pb.ResourceLimits) -> Limits | None:
     """The limits a request asked for (None when it asked for none)."""
     if not (msg.memory_bytes or msg.pids or msg.cpus):
         return None
-    if msg.cpus < 0:
-        raise invalid("limits.cpus must be >= 0")
+    if not 0 <= msg.cpus <= MAX_CPUS:  # also refuses NaN
+        raise invalid(f"limits.cpus must be a number from 0 to {MAX_CPUS}, not {msg.cpus}")
     return Limits(memory_bytes=msg.memory_bytes, pids=msg.pids, cpus=msg.cpus)
 
 
@@ -338,6 +352,8 @@ def spawn(
     With a `sandbox`, the caller must `await sp.activate(sandbox, grace)` before anything else.
     """
     argv = _argv(spec)
+    if spec.pty:
+        _check_size(spec.rows, spec.cols)
     cwd = _resolve_cwd(spec, paths)
     env = _environment(spec)
     exe = argv[0]
@@ -429,6 +445,12 @@ def spawn(
         if isinstance(exc, PermissionError):
             raise AgentError(
                 grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {argv[0]}"
+            ) from None
+        if exc.errno == errno.E2BIG:
+            size = sum(len(a) + 1 for a in argv) + sum(len(k) + len(v) + 2 for k, v in env.items())
+            raise invalid(
+                f"argv and environment too big for the OS ({size} bytes; "
+                f"the kernel takes at most {_ARG_MAX} in all and 128 KiB per string)"
             ) from None
         raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start {argv[0]}: {exc}") from None
     except BaseException:
@@ -567,7 +589,18 @@ class ProcessService(pb_grpc.ProcessServicer):
             finally:
                 await queue.put(None)
 
+        refused: list[AgentError] = []
+
         async def inputs() -> None:
+            try:
+                await control()
+            except AgentError as exc:
+                # A control message the agent cannot act on ends the call with its
+                # status (after the process is stopped) instead of being dropped.
+                refused.append(exc)
+                await sp.teardown(self.kill_grace)
+
+        async def control() -> None:
             async for req in request_iterator:
                 kind = req.WhichOneof("msg")
                 if kind == "stdin":
@@ -582,9 +615,16 @@ class ProcessService(pb_grpc.ProcessServicer):
                 elif kind == "close_stdin":
                     sp.close_stdin()
                 elif kind == "signal":
+                    if not 0 < req.signal < signal.NSIG:
+                        raise invalid(
+                            f"signal {req.signal} is not a signal number (1..{signal.NSIG - 1})"
+                        )
                     sp.signal_group(req.signal)
                 elif kind == "resize":
+                    _check_size(req.resize.rows, req.resize.cols)
                     sp.resize(req.resize.rows, req.resize.cols)
+                elif kind == "start":
+                    raise invalid("`start` must be the first Exec message, and only the first")
             # The client half-closed: for pipes that means EOF on stdin, like ssh.
             if sp.pty_master is None and sp.stdin_fd is not None:
                 sp.close_stdin()
@@ -618,6 +658,8 @@ class ProcessService(pb_grpc.ProcessServicer):
                     break
                 yield item
             await tasks[2]
+            if refused:
+                raise refused[0]
             exit_msg = sp.exit_message(timed_out=timed_out)
             audit(
                 exit_code=exit_msg.code,

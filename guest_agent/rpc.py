@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,7 @@ from cowork.defaults import (
     STATUS_MESSAGE_CHARS,
 )
 
-from .errors import AgentError
+from .errors import AgentError, from_oserror, invalid
 
 log = logging.getLogger("cowork.audit")
 
@@ -152,6 +153,16 @@ def bound_record(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _restore(tok: contextvars.Token[dict[str, Any] | None]) -> None:
+    """Undo _start's set. A stream the client abandoned is closed by asyncio's async
+    generator finalizer in another Context, where the token cannot be used: there is
+    nothing to restore there."""
+    try:
+        _audit.reset(tok)
+    except ValueError:
+        pass
+
+
 def _finish(record: dict[str, Any], t0: float, code: grpc.StatusCode, msg: str = "") -> None:
     if record["method"] in OPEN_METHODS:
         return
@@ -168,12 +179,45 @@ async def _refuse(context: Context, record: dict[str, Any], t0: float) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
 
 
+# Exceptions that, escaping a handler, can only have come from what the client sent
+# (a number the OS cannot take, a value Python refuses, a document nested too deeply).
+# A handler should have refused such input itself with a precise message: the
+# traceback is still logged so the missing check gets found, but the client gets
+# the status its input deserves instead of INTERNAL.
+_INPUT_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode, str], ...] = (
+    (OverflowError, grpc.StatusCode.OUT_OF_RANGE, "a number in the request is out of range"),
+    (RecursionError, grpc.StatusCode.INVALID_ARGUMENT, "the request is nested too deeply"),
+    (UnicodeError, grpc.StatusCode.INVALID_ARGUMENT, "the request has text that is not valid"),
+    (
+        MemoryError,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "the request needs more memory than the agent has",
+    ),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "the request has a value the agent cannot use"),
+)
+
+
+def status_of(exc: BaseException) -> AgentError | None:
+    """The status an unexpected exception maps to when input alone can cause it, else None."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        err = from_oserror(exc, exc.filename if isinstance(exc.filename, str) else "")
+        return None if err.code == grpc.StatusCode.INTERNAL else err
+    for kind, code, text in _INPUT_ERRORS:
+        if isinstance(exc, kind):
+            return AgentError(code, f"{text} ({type(exc).__name__})")
+    return None
+
+
 async def _fail(context: Context, record: dict[str, Any], t0: float, exc: BaseException) -> None:
     if isinstance(exc, AgentError):
         message = cut_text(exc.message, STATUS_MESSAGE_CHARS)
         _finish(record, t0, exc.code, message)
         await context.abort(exc.code, message)
     log.exception("unexpected error in %s", record["method"])
+    mapped = status_of(exc)
+    if mapped is not None:
+        _finish(record, t0, mapped.code, mapped.message)
+        await context.abort(mapped.code, mapped.message)
     detail = cut_text(repr(exc), STATUS_MESSAGE_CHARS)
     _finish(record, t0, grpc.StatusCode.INTERNAL, detail)
     await context.abort(grpc.StatusCode.INTERNAL, f"agent error: {detail}")
@@ -184,8 +228,54 @@ def _code_of(context: Context) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
 
 
+class _Malformed:
+    """Stands in for a request message whose bytes did not parse (bad wire format, bad UTF-8).
+
+    grpc's own handling of a failing deserializer is an UNKNOWN status and a logged
+    traceback; this placeholder lets the handler wrapper answer INVALID_ARGUMENT instead.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> AgentError:
+        return invalid(f"malformed request message: {self.reason}")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return _Malformed(str(exc))
+
+    return lenient
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A client stream whose malformed messages end the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise request.error()
+        yield request
+
+
 def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
     """Return a handler of the same shape whose behavior runs inside auth/audit/error handling."""
+    streams_in = handler.stream_unary is not None or handler.stream_stream is not None
+
+    def checked(request: Any) -> Any:
+        if streams_in:
+            return _checked(request)
+        if isinstance(request, _Malformed):
+            raise request.error()
+        return request
+
+    deserializer = _lenient(handler.request_deserializer)
     if handler.unary_unary or handler.stream_unary:
         inner_u: Any = handler.unary_unary or handler.stream_unary
 
@@ -196,7 +286,7 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
                 if not authed:
                     await _refuse(context, record, t0)
                 try:
-                    response = await inner_u(request, context)
+                    response = await inner_u(checked(request), context)
                 except (AgentError, Exception) as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
@@ -204,7 +294,7 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
                 _finish(record, t0, _code_of(context))
                 return response
             finally:
-                _audit.reset(tok)
+                _restore(tok)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -213,11 +303,48 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
         )
         return factory(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
     inner_s: Any = handler.unary_stream or handler.stream_stream
+    factory_s = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+
+    if not inspect.isasyncgenfunction(inner_s):
+        # A handler that sends with `await context.write(...)` and returns (the
+        # standard Health.Watch does): it must stay a coroutine, since grpc
+        # refuses to mix write() with yield in one call.
+        async def writing(request: Any, context: Context) -> None:
+            t0 = time.perf_counter()
+            record, tok = _start(method, context)
+            status = grpc.StatusCode.OK
+            try:
+                if not authed:
+                    await _refuse(context, record, t0)
+                try:
+                    await inner_s(checked(request), context)
+                except grpc.aio.AbortError:
+                    raise
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # CancelledError: client went away
+                        status = grpc.StatusCode.CANCELLED
+                        raise
+                    await _fail(context, record, t0, exc)
+                status = _code_of(context)
+            finally:
+                if "code" not in record:
+                    _finish(record, t0, status)
+                _restore(tok)
+
+        return factory_s(
+            writing,
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
         t0 = time.perf_counter()
@@ -227,7 +354,7 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
             if not authed:
                 await _refuse(context, record, t0)
             try:
-                async for item in inner_s(request, context):
+                async for item in inner_s(checked(request), context):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -240,15 +367,10 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
         finally:
             if "code" not in record:
                 _finish(record, t0, status)
-            _audit.reset(tok)
+            _restore(tok)
 
-    factory_s = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream
-        else grpc.stream_stream_rpc_method_handler
-    )
     return factory_s(
         streaming,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
