@@ -10,7 +10,7 @@ TOOLS := .tools
 PROTO_SRC := $(wildcard proto/cowork/agent/v1/*.proto)
 GEN_DIR := cowork/agent/v1
 
-.PHONY: setup tools proto proto-check lint test test-local e2e soak bench bench-quick run clean
+.PHONY: setup tools proto proto-check proto-lock lint test test-local e2e soak bench bench-quick run clean
 
 setup: $(VENV)/.stamp tools
 
@@ -28,9 +28,15 @@ tools:
 proto: $(VENV)/.stamp
 	@bash scripts/gen-proto.sh $(PY) .
 
-# Fails when the committed generated code differs from what `make proto` makes.
+# Fails when the committed generated code differs from what `make proto` makes, or
+# when proto/ changed without a PROTOCOL_VERSION bump (proto/cowork/agent/v1/PROTOCOL.lock).
 proto-check: $(VENV)/.stamp
 	@bash scripts/gen-proto.sh $(PY) --check
+
+# After a proto change: bump PROTOCOL_VERSION in cowork/defaults.py, then this, and commit
+# PROTOCOL.lock. Refuses to re-lock a version that was locked with other .proto content.
+proto-lock: $(VENV)/.stamp
+	@$(PY) scripts/proto_lock.py lock
 
 lint: $(VENV)/.stamp
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ import asyncio
 import os
 import stat
 import sys
+from typing import TYPE_CHECKING
 
 from cowork.defaults import (
     AGENT_VERSION,
@@ -14,6 +15,13 @@ from cowork.defaults import (
     GUEST_WORKSPACE,
     KILL_GRACE_SECONDS,
 )
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
+
+# AF_VSOCK CIDs are 32-bit; all ones is VMADDR_CID_ANY (not a peer). 2 is the host.
+VMADDR_CID_ANY = 0xFFFFFFFF
+VMADDR_CID_HOST = 2
 
 EPILOG = """\
 listen addresses (repeatable):
@@ -126,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="make the egress proxy dial ADDR for host NAME, after the policy allowed NAME "
         "(repeatable; for tests and split-horizon setups, like curl --resolve)",
     )
-    # --- vsock peers (issue 4, guest_agent/vsock.py) ---
     p.add_argument(
         "--vsock-peer-cid",
         action="append",
@@ -136,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept vsock connections only from this CID (repeatable; default 2 = the host)",
     )
     p.add_argument(
-        "--vsock-any-peer", action="store_true", help="accept vsock connections from any CID"
+        "--vsock-any-peer",
+        action="store_true",
+        help="accept vsock connections from any CID (e.g. sibling VMs: only with a reason)",
     )
-    # --- end vsock peers ---
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-file", metavar="PATH", help="write logs here instead of stderr")
@@ -183,14 +191,24 @@ def secret_paths(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    from . import logs
-    from .config import AgentConfig
-    from .listeners import ListenError
-    from .server import AgentServer, StartError
+def vsock_peers(args: argparse.Namespace) -> list[int] | None:
+    """The CIDs allowed to connect over vsock (None = any), checked like every other flag."""
+    if args.vsock_any_peer:
+        if args.vsock_peer_cid:
+            raise SystemExit("cowork-agent: --vsock-any-peer and --vsock-peer-cid contradict")
+        return None
+    for cid in args.vsock_peer_cid:
+        if not 0 <= cid < VMADDR_CID_ANY:
+            raise SystemExit(
+                f"cowork-agent: --vsock-peer-cid {cid} is not a CID (0..{VMADDR_CID_ANY - 1})"
+            )
+    return sorted(set(args.vsock_peer_cid)) or [VMADDR_CID_HOST]
 
-    logs.setup(args.log_format, args.log_level, args.log_file)
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The AgentConfig the command line asks for; SystemExit with one line when it cannot be."""
+    from .config import AgentConfig
+
     if args.kill_grace < 0:
         raise SystemExit("cowork-agent: --kill-grace must be >= 0")
     roots = args.root or [GUEST_WORKSPACE]
@@ -198,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in roots:
             if not os.path.isdir(r):
                 raise SystemExit(f"cowork-agent: workspace root is not a directory: {r}")
-    cfg = AgentConfig(
+    return AgentConfig(
         listen=args.listen,
         token=read_token(args.token_file),
         roots=roots,
@@ -208,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         kill_grace=args.kill_grace,
         claude_bin=args.claude_bin or os.environ.get("COWORK_CLAUDE_BIN"),
         run_as=args.run_as,
-        # vsock peers (issue 4): None = any CID
-        vsock_peer_cids=None if args.vsock_any_peer else (args.vsock_peer_cid or [2]),
+        vsock_peer_cids=vsock_peers(args),
         allow_root=args.allow_root,
         policy_file=args.policy
         or (GUEST_POLICY_FILE if os.path.exists(GUEST_POLICY_FILE) else None),
@@ -219,6 +236,16 @@ def main(argv: list[str] | None = None) -> None:
         egress_resolve=parse_resolve(args.egress_resolve),
         secret_paths=secret_paths(args),
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from . import logs
+    from .listeners import ListenError
+    from .server import AgentServer, StartError
+
+    logs.setup(args.log_format, args.log_level, args.log_file)
+    cfg = config_from_args(args)
 
     async def serve() -> None:
         # grpc.aio binds its server to the running loop: build it inside it.

@@ -17,7 +17,19 @@ from cowork.defaults import AGENT_VERSION, PROTOCOL_VERSION
 from .paths import PathPolicy
 from .rpc import Context
 
-CAPABILITIES = ["process.exec", "process.run", "process.pty", "files", "health", "reflection"]
+# What every agent serves. Capabilities that depend on the configuration or the
+# machine (sandbox.bwrap, sandbox.egress, limits.cgroup2, listen.vsock, claude) are
+# added only where they are configured and work: clients gate features on them.
+CAPABILITIES = [
+    "process.exec",
+    "process.run",
+    "process.pty",
+    "files",
+    "health",
+    "reflection",
+    "policy",
+    "logs",
+]
 
 
 def _meminfo() -> tuple[int, int]:
@@ -62,6 +74,8 @@ class AgentService(pb_grpc.AgentServicer):
         self.claude_info = claude_info
         # Filled by the server: identity and sandbox facts (field name -> value).
         self.sandbox_info: Callable[[], dict[str, object]] | None = None
+        # Filled by the server: capabilities that hold right now (the policy can change).
+        self.live_capabilities: Callable[[], Awaitable[list[str]]] | None = None
 
     async def Info(self, request: pb.InfoRequest, context: Context) -> pb.InfoResponse:
         total, avail = _meminfo()
@@ -73,10 +87,13 @@ class AgentService(pb_grpc.AgentServicer):
                 pass
         uname = platform.uname()
         user = getpass.getuser()
+        capabilities = list(self.capabilities)
+        if self.live_capabilities is not None:
+            capabilities += await self.live_capabilities()
         resp = pb.InfoResponse(
             agent_version=AGENT_VERSION,
             protocol_version=PROTOCOL_VERSION,
-            capabilities=self.capabilities,
+            capabilities=capabilities,
             os=f"{uname.system} {uname.release}",
             distro=_distro(),
             arch=uname.machine,

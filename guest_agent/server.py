@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -37,7 +39,10 @@ from .paths import PathPolicy
 from .policy_service import AuditRing, PolicyService, PolicyStore
 from .process import ProcessService
 from .rpc import AgentInterceptor
-from .sandbox import PROXY_URL, Sandbox, install_dir, resolve_identity
+from .sandbox import PROXY_URL, Sandbox, install_dir, require_tool, resolve_identity
+
+if TYPE_CHECKING:
+    from .vsock import VsockRelays
 
 log = logging.getLogger("cowork.agent")
 
@@ -49,6 +54,26 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.so_reuseport", 0),
 ]
+
+
+def bwrap_works() -> bool:
+    """Whether bubblewrap is installed and can build a box like the sandbox's on this kernel
+    (a container without user namespaces has the binary but cannot use it)."""
+    try:
+        exe = require_tool("bwrap")
+    except AgentError:
+        return False
+    probe = [exe, "--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc"]
+    probe += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--", "true"]
+    try:
+        done = subprocess.run(probe, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("bwrap does not work here: %s", exc)
+        return False
+    if done.returncode != 0:
+        reason = done.stderr.decode("utf-8", "replace").strip() or f"exit {done.returncode}"
+        log.warning("bwrap does not work here: %s", reason)
+    return done.returncode == 0
 
 
 class StartError(Exception):
@@ -91,9 +116,15 @@ class AgentServer:
         self.server = grpc.aio.server(
             interceptors=[AgentInterceptor(cfg.token)], options=SERVER_OPTIONS
         )
-        caps = [*CAPABILITIES, "policy", "logs", "sandbox.bwrap", "sandbox.egress"]
+        caps = list(CAPABILITIES)
+        if any(x.kind == "vsock" for x in self.listens):
+            caps.append("listen.vsock")
+        if self.sandbox.cgroups is not None and self.sandbox.cgroups.available:
+            caps.append("limits.cgroup2")
         self.agent = AgentService(self.paths, [str(x) for x in self.listens], caps)
         self.agent.sandbox_info = self._sandbox_info
+        self.agent.live_capabilities = self._live_capabilities
+        self._bwrap_works: bool | None = None
         agent_pb2_grpc.add_AgentServicer_to_server(self.agent, self.server)
         process_pb2_grpc.add_ProcessServicer_to_server(
             ProcessService(self.paths, cfg.kill_grace, self.sandbox), self.server
@@ -120,7 +151,18 @@ class AgentServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self.server)
-        self._relays: list[object] = []
+        # The vsock relays (vsock.VsockRelays) once started; each decides which peers it accepts.
+        self.relays: list[VsockRelays] = []
+
+    async def _live_capabilities(self) -> list[str]:
+        """sandbox.bwrap and sandbox.egress while the policy in force boxes runs and bwrap
+        can actually build a box here (tried once; the egress proxy lives inside the box)."""
+        if self.policy.current.sandbox != "bwrap":
+            return []
+        if self._bwrap_works is None:
+            loop = asyncio.get_running_loop()
+            self._bwrap_works = await loop.run_in_executor(None, bwrap_works)
+        return ["sandbox.bwrap", "sandbox.egress"] if self._bwrap_works else []
 
     def _sandbox_info(self) -> dict[str, object]:
         p = self.policy.current
@@ -146,7 +188,7 @@ class AgentServer:
         if vsocks:
             from . import vsock
 
-            self._relays = await vsock.start_relays(self.server, vsocks)
+            self.relays = await vsock.start_relays(self.server, vsocks, self.cfg.vsock_peer_cids)
         # Subreaper, guardian and a previous life's leftovers: before any run can start.
         reaper.REAPER.install(reaper.state_file_for(self.cfg.listen, reaper.default_run_dir()))
         await self.server.start()
@@ -159,10 +201,8 @@ class AgentServer:
     async def stop(self, grace: float = 2.0) -> None:
         self.audit_ring.uninstall()
         await self.health.enter_graceful_shutdown()
-        for relay in self._relays:
-            close = getattr(relay, "close", None)
-            if close is not None:
-                close()
+        for relay in self.relays:
+            relay.close()
         await self.server.stop(grace)
         reaper.REAPER.close()
 

@@ -419,7 +419,7 @@ async def start_relays(
     server: grpc.aio.Server,
     listens: Sequence[Listen],
     allowed_cids: Collection[int] | None = DEFAULT_ALLOWED_CIDS,
-) -> list[object]:
+) -> list[VsockRelays]:
     """Bind every vsock listen address and relay it into `server` (call before server.start())."""
     socks: list[tuple[Listen, socket.socket]] = []
     try:

@@ -559,4 +559,5 @@ class AsyncExecStream:
             duration_ms=self.exit.duration_ms,
             stdout=o,
             stderr=e,
+            oom_killed=self.exit.oom_killed,
         )

@@ -162,6 +162,8 @@ class ClaudeError(_Event):
     timed_out: bool = False
     cancelled: bool = False
     stderr_tail: str = ""
+    # The run went past its memory limit and the kernel's OOM killer ended it.
+    oom_killed: bool = False
 
 
 ClaudeEvent = (
@@ -239,7 +241,7 @@ def event_from_pb(ev: pb.AskEvent) -> ClaudeEvent:
     if kind == "error":
         e = ev.error
         return ClaudeError(
-            e.message, e.exit_code, e.signal, e.timed_out, e.cancelled, e.stderr_tail
+            e.message, e.exit_code, e.signal, e.timed_out, e.cancelled, e.stderr_tail, e.oom_killed
         )
     return RawEvent(f"unknown-event/{kind}", "{}")
 
@@ -356,6 +358,7 @@ def summarize(events: Sequence[ClaudeEvent]) -> ClaudeExecutionResult:
             exit_code=1,
             signal=failure.signal,
             timed_out=failure.timed_out,
+            oom_killed=failure.oom_killed,
             session_id=session,
             failure=failure,
             events=list(events),

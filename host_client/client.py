@@ -735,4 +735,5 @@ class ExecStream:
             duration_ms=self.exit.duration_ms,
             stdout=o,
             stderr=e,
+            oom_killed=self.exit.oom_killed,
         )

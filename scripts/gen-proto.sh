@@ -2,7 +2,8 @@
 # The one generator of Python code and .pyi stubs from proto/ (into cowork/agent/v1;
 # cowork/defaults.py beside it is hand-written).
 # usage: gen-proto.sh PYTHON OUTDIR   (generate into OUTDIR)
-#        gen-proto.sh PYTHON --check  (fail if the committed code is stale)
+#        gen-proto.sh PYTHON --check  (fail if the committed code is stale, or if proto/
+#                                      changed without a PROTOCOL_VERSION bump: proto_lock.py)
 set -euo pipefail
 py=$1; out=$2
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +26,9 @@ if [ "$out" = "--check" ]; then
     exit 1
   fi
   echo "generated code is up to date"
+  "$py" "$here/scripts/proto_lock.py" check --root "$here"
 else
   gen "$out"
+  # A reminder, not a failure: the lock is written on purpose, with `make proto-lock`.
+  "$py" "$here/scripts/proto_lock.py" status --root "$here"
 fi

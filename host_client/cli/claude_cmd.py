@@ -344,6 +344,8 @@ class Renderer:
                 extra = f" (signal {ev.signal})"
             if ev.timed_out:
                 extra += " (timed out)"
+            if ev.oom_killed:
+                extra += " (out of memory: the run's memory limit)"
             self._error(f"error: {ev.message}{extra}")
 
     def _error(self, line: str) -> None:
