@@ -637,20 +637,12 @@ def ssh_master_alive(inst: Instance) -> bool:
     return proc.returncode == 0
 
 
-def repair_forward(inst: Instance) -> None:
-    """Re-create the agent's socket forward (e.g. after host sleep killed it).
-
-    Same as Lima's own forward: `ssh -O forward -L HOST_SOCKET:GUEST_SOCKET`
-    through the instance's SSH master, starting a master first if none answers.
-    """
-    if not inst.running:
-        raise LimaError(f"VM {inst.name!r} is {inst.status or 'not running'}: coworkctl start")
-    cfg = inst.ssh_config_file
-    if not cfg or not Path(cfg).is_file():
-        raise LimaError(f"no ssh config for {inst.name!r} ({cfg or 'none reported by limactl'})")
-    host = f"lima-{inst.name}"
-    if not ssh_master_alive(inst):
-        subprocess.run(
+def _start_ssh_master(inst: Instance, cfg: str, host: str) -> None:
+    """Start the SSH master the forward rides on; LimaError (what failed, and the fix) if none
+    answers afterwards: the forward would otherwise fail with ssh's less helpful words."""
+    fix = f"restart the VM: coworkctl stop --name {inst.name} && coworkctl start --name {inst.name}"
+    try:
+        proc = subprocess.run(
             [
                 "ssh",
                 "-F",
@@ -664,10 +656,32 @@ def repair_forward(inst: Instance) -> None:
                 host,
             ],
             capture_output=True,
+            text=True,
             stdin=subprocess.DEVNULL,
             timeout=30,
             check=False,
         )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LimaError(f"cannot start the SSH master of VM {inst.name!r} ({exc}); {fix}") from None
+    if proc.returncode != 0 or not ssh_master_alive(inst):
+        last = (proc.stderr.strip().splitlines() or [f"ssh exited {proc.returncode}"])[-1]
+        raise LimaError(f"cannot start the SSH master of VM {inst.name!r} ({last}); {fix}")
+
+
+def repair_forward(inst: Instance) -> None:
+    """Re-create the agent's socket forward (e.g. after host sleep killed it).
+
+    Same as Lima's own forward: `ssh -O forward -L HOST_SOCKET:GUEST_SOCKET`
+    through the instance's SSH master, starting a master first if none answers.
+    """
+    if not inst.running:
+        raise LimaError(f"VM {inst.name!r} is {inst.status or 'not running'}: coworkctl start")
+    cfg = inst.ssh_config_file
+    if not cfg or not Path(cfg).is_file():
+        raise LimaError(f"no ssh config for {inst.name!r} ({cfg or 'none reported by limactl'})")
+    host = f"lima-{inst.name}"
+    if not ssh_master_alive(inst):
+        _start_ssh_master(inst, cfg, host)
     sock = host_socket(inst.name)
     sock.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     sock.unlink(missing_ok=True)

@@ -65,8 +65,12 @@ def run_pty_session(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     timeout: float | None = None,
+    limits: Mapping[str, float] | None = None,
 ) -> int:
-    """Run `argv` on a remote PTY wired to this terminal; return the shell-style exit code."""
+    """Run `argv` on a remote PTY wired to this terminal; return the shell-style exit code.
+
+    `limits` are the run's cgroup limits (memory_bytes, pids, cpus), as for `exec`.
+    """
     rows, cols = terminal_size()
     term_env = dict(env or {})
     term = os.environ.get("TERM", "xterm-256color")
@@ -80,6 +84,7 @@ def run_pty_session(
         env=term_env,
         cwd=cwd,
         timeout=timeout,
+        limits=limits,
     )
     stdin_fd = sys.stdin.fileno()
     out = sys.stdout.buffer
@@ -93,6 +98,7 @@ def run_pty_session(
         previous = signal.signal(signal.SIGWINCH, on_winch)
     reader = threading.Thread(target=_pump_stdin, args=(stream, stdin_fd), daemon=True)
     code = 1
+    oom = False
     try:
         with raw_terminal(stdin_fd):
             started = False
@@ -105,7 +111,10 @@ def run_pty_session(
                     out.flush()
                 elif isinstance(ev, Exited):
                     code = ev.shell_code
+                    oom = ev.oom_killed
     finally:
         if previous is not None:
             signal.signal(signal.SIGWINCH, previous)
+    if oom:  # after the terminal is back to normal, so the line is readable
+        print("coworkctl: killed: out of memory (the run's memory limit)", file=sys.stderr)
     return code

@@ -211,3 +211,31 @@ def test_exec_ends_cleanly_while_its_stdin_is_still_open(agent: AgentProc) -> No
                     s.close()
         assert code == 3, err.decode()
         assert b"Fatal Python error" not in err
+
+
+def test_exec_tty_passes_resource_limits_to_the_agent(agent: AgentProc) -> None:
+    # The agent refuses cpus above its maximum: seen only if -t sent the limits at all.
+    r = ctl(agent, "exec", "-t", "--cpus", "2000000", "--", "true")
+    assert r.returncode == 1
+    assert "limits.cpus" in one_line_error(r)
+
+
+def test_exec_tty_runs_with_limits_within_range(agent: AgentProc) -> None:
+    r = ctl(agent, "exec", "-t", "--memory", "512M", "--pids", "64", "--cpus", "1", "--", "true")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--memory", "99999999999999999999T"],
+        ["--pids", "4294967296"],
+        ["--cpus", "nan"],
+        ["--cpus", "inf"],
+    ],
+    ids=["memory-beyond-uint64", "pids-beyond-uint32", "cpus-nan", "cpus-inf"],
+)
+def test_exec_limit_out_of_range_is_a_usage_error(agent: AgentProc, flags: list[str]) -> None:
+    r = ctl(agent, "exec", *flags, "--", "true")
+    assert r.returncode == 2
+    one_line_error(r)

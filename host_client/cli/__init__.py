@@ -57,14 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output where it applies")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
+        # A command module that fails to import is a broken install or a bug: say so
+        # and stop, rather than ship a coworkctl that quietly lacks commands.
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # a command group not built yet
-            raise
+        except Exception as exc:
+            raise CommandModuleError(
+                f"command module {name} failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
         module.register(sub)
     return p
+
+
+class CommandModuleError(ImportError):
+    """A coworkctl command module could not be imported (a broken install or a bug)."""
 
 
 def _fast_exec(argv: list[str]) -> int | None:
@@ -138,28 +144,69 @@ def _fast_exec(argv: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    fast = _fast_exec(sys.argv[1:] if argv is None else argv)
-    if fast is not None:
-        raise SystemExit(fast)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-    from ..errors import CoworkError
-    from ..targets import TargetError
+    """The coworkctl entry point: every failure ends as one line on stderr and an exit code.
 
+    Known failures (usage, refused calls, bad targets) have their own messages; anything
+    else is a bug or an environment problem, reported as one line too, with the
+    traceback only under COWORK_DEBUG=1.
+    """
     try:
-        code = args.func(args)
-    except CliError as exc:
-        print(f"coworkctl: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except (CoworkError, TargetError) as exc:
-        print(f"coworkctl: {exc}", file=sys.stderr)
-        code = 1
+        code = _main(argv)
+    except SystemExit:
+        raise
     except KeyboardInterrupt:
         print("coworkctl: interrupted", file=sys.stderr)
         code = 130
     except BrokenPipeError:
         code = 141
+    except BaseException as exc:
+        code = _unexpected(exc)
     raise SystemExit(code)
+
+
+def _unexpected(exc: BaseException) -> int:
+    import os
+
+    if os.environ.get("COWORK_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    detail = " ".join(str(exc).split()) or "no details"
+    hint = "" if os.environ.get("COWORK_DEBUG") == "1" else " (COWORK_DEBUG=1 shows the traceback)"
+    _say(f"unexpected error: {type(exc).__name__}: {detail}{hint}")
+    return 1
+
+
+def _main(argv: list[str] | None) -> int:
+    fast = _fast_exec(sys.argv[1:] if argv is None else argv)
+    if fast is not None:
+        return fast
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from ..errors import CoworkError
+    from ..targets import TargetError
+
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        _say(str(exc))
+        code = exc.exit_code
+    except (CoworkError, TargetError) as exc:
+        _say(str(exc))
+        code = 1
+    except OSError as exc:
+        if exc.errno is None or isinstance(exc, BrokenPipeError):
+            raise
+        # A local file or device the command used (cp's destination, a token file...).
+        where = f": {exc.filename}" if exc.filename else ""
+        _say(f"{exc.strerror or exc}{where}")
+        code = 1
+    return code
+
+
+def _say(message: str) -> None:
+    """An error as the one line on stderr that scripts and people expect."""
+    print("coworkctl: " + " / ".join(x for x in message.splitlines() if x.strip()), file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -76,13 +77,15 @@ def limits_arg(args: argparse.Namespace) -> dict[str, float] | None:
         out["memory_bytes"] = int(
             float(m.group(1)) * 1024 ** "BKMGT".index(m.group(2).upper() or "B")
         )
+        if not 0 < out["memory_bytes"] < 2**64:  # the field is a uint64
+            fail(f"--memory {args.memory} is out of range", 2)
     if getattr(args, "pids", None) is not None:
-        if args.pids <= 0:
-            fail("--pids must be > 0", 2)
+        if not 0 < args.pids < 2**32:  # the field is a uint32
+            fail(f"--pids must be from 1 to {2**32 - 1}", 2)
         out["pids"] = args.pids
     if getattr(args, "cpus", None) is not None:
-        if args.cpus <= 0:
-            fail("--cpus must be > 0", 2)
+        if not 0 < args.cpus < math.inf:  # also refuses nan
+            fail("--cpus must be a number > 0", 2)
         out["cpus"] = args.cpus
     return out or None
 
@@ -96,6 +99,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     env = parse_env(args.env)
     if args.timeout is not None and args.timeout <= 0:
         fail("--timeout must be > 0", 2)
+    limits = limits_arg(args)  # usage errors before any connection
     from ..errors import NotFound
 
     client = make_client(args)
@@ -103,8 +107,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if args.tty:
             from ..terminal import run_pty_session
 
-            return run_pty_session(client, argv, env=env, cwd=args.cwd, timeout=args.timeout)
-        return _exec_pipes(client, argv, env, args)
+            return run_pty_session(
+                client, argv, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits
+            )
+        return _exec_pipes(client, argv, env, args, limits)
     except NotFound as exc:
         if exc.message.startswith("command not found"):
             print(f"coworkctl: {exc.message}", file=sys.stderr)
@@ -130,14 +136,20 @@ def raw_stdin(chunk: int = 65536) -> Iterator[bytes]:
         yield data
 
 
-def _exec_pipes(client: Any, argv: list[str], env: dict[str, str], args: argparse.Namespace) -> int:
+def _exec_pipes(
+    client: Any,
+    argv: list[str],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    limits: dict[str, float] | None,
+) -> int:
     from ..models import Exited, Output
 
     stdin: Any = None
     if args.interactive or not sys.stdin.isatty():
         stdin = raw_stdin()
     stream = client.exec(
-        argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits_arg(args)
+        argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits
     )
     out, err = sys.stdout.buffer, sys.stderr.buffer
     code = 1
