@@ -31,6 +31,10 @@ PRESETS = ("default", "offline")
 # cpu.max takes a quota in microseconds per 100 ms period; past this it means nothing
 # (and .inf / .nan cannot be turned into a quota at all).
 MAX_CPUS = 1_000_000
+# memory.max is read as a 64-bit count (a larger number wraps in the kernel's parser);
+# pids.max refuses more than PID_MAX_LIMIT (EINVAL: every run would then fail to start).
+MAX_MEMORY_BYTES = 2**63 - 1
+MAX_PIDS = 4 * 1024 * 1024
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -129,15 +133,20 @@ def parse_size(value: Any, key: str) -> int:
     if isinstance(value, bool):
         raise PolicyError(f"policy: {key} must be a size like 2GiB, not {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise PolicyError(f"policy: {key} must not be negative")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise PolicyError(f"policy: {key} must be a size like 512MiB or 2GiB, not {value!r}")
-    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0])
-    return int(number * 1024**power)
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise PolicyError(f"policy: {key} must be a size like 512MiB or 2GiB, not {value!r}")
+        number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+        power = "BKMGT".index(unit[0])
+        exact = number * 1024**power  # a float: inf for an absurdly long digit string
+        size = int(exact) if exact <= MAX_MEMORY_BYTES else MAX_MEMORY_BYTES + 1
+    if size < 0:
+        raise PolicyError(f"policy: {key} must not be negative")
+    if size > MAX_MEMORY_BYTES:
+        raise PolicyError(f"policy: {key} is larger than {MAX_MEMORY_BYTES} bytes: {value!r}")
+    return size
 
 
 def format_size(n: int) -> str:
@@ -162,8 +171,10 @@ def _keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
 def _limits(obj: Any, where: str, with_max: bool) -> tuple[Limits, Limits]:
     d = _keys(obj, {"memory", "pids", "cpus", *(["max"] if with_max else [])}, where)
     pids = d.get("pids", 0)
-    if isinstance(pids, bool) or not isinstance(pids, int) or pids < 0:
-        raise PolicyError(f"policy: {where}.pids must be a whole number >= 0, not {pids!r}")
+    if isinstance(pids, bool) or not isinstance(pids, int) or not 0 <= pids <= MAX_PIDS:
+        raise PolicyError(
+            f"policy: {where}.pids must be a whole number from 0 to {MAX_PIDS}, not {pids!r}"
+        )
     cpus = d.get("cpus", 0)
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 <= cpus <= MAX_CPUS:
         raise PolicyError(

@@ -44,7 +44,7 @@ from cowork.defaults import (
 
 from .errors import AgentError, invalid, not_found
 from .paths import PathPolicy
-from .policy import MAX_CPUS, Limits
+from .policy import MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, Limits
 from .reaper import REAPER, Run
 from .rpc import Context, add_bytes, audit, first_message
 from .sandbox import Boxed, Launch, Sandbox, require_tool
@@ -341,6 +341,10 @@ def limits_of(msg: pb.ResourceLimits) -> Limits | None:
         return None
     if not 0 <= msg.cpus <= MAX_CPUS:  # also refuses NaN
         raise invalid(f"limits.cpus must be a number from 0 to {MAX_CPUS}, not {msg.cpus}")
+    if msg.pids > MAX_PIDS:
+        raise invalid(f"limits.pids must be at most {MAX_PIDS}, not {msg.pids}")
+    if msg.memory_bytes > MAX_MEMORY_BYTES:
+        raise invalid(f"limits.memory_bytes must be at most {MAX_MEMORY_BYTES}")
     return Limits(memory_bytes=msg.memory_bytes, pids=msg.pids, cpus=msg.cpus)
 
 

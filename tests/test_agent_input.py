@@ -214,3 +214,59 @@ def test_log_streams_cut_off_while_sending_leave_no_traceback(own_agent: AgentPr
         for _ in range(20):
             c.run(["true"])
     assert _tracebacks(own_agent) == []
+
+
+# -- limits the kernel cannot take ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("yaml", "needle"),
+    [
+        ("limits: {memory: '" + "9" * 400 + "M'}", "larger than"),
+        ("limits: {memory: 99999999999999999999999999T}", "larger than"),
+        (f"limits: {{memory: {2**70}}}", "larger than"),
+        ("limits: {pids: 5000000}", "from 0 to 4194304"),
+        ("limits: {max: {pids: 4194305}}", "from 0 to 4194304"),
+        ("limits: {cpus: .nan}", "cpus must be a number"),
+        ("limits: {cpus: .inf}", "cpus must be a number"),
+        ("[" * 5000, "nested too deeply"),
+    ],
+    ids=[
+        "memory-digits",
+        "memory-T",
+        "memory-int",
+        "pids",
+        "max-pids",
+        "cpus-nan",
+        "cpus-inf",
+        "deep",
+    ],
+)
+def test_a_policy_the_kernel_cannot_apply_is_invalid_argument(
+    own_agent: AgentProc, yaml: str, needle: str
+) -> None:
+    with own_agent.client() as c:
+        with pytest.raises(Exception) as ei:
+            c.set_policy(yaml=yaml)
+        assert getattr(ei.value, "code", "") == "INVALID_ARGUMENT"
+        assert needle in str(ei.value)
+    assert _tracebacks(own_agent) == []
+
+
+@pytest.mark.parametrize(
+    ("limits", "needle"),
+    [
+        ({"pids": 4194305}, "limits.pids"),
+        ({"memory_bytes": 2**63}, "limits.memory_bytes"),
+        ({"cpus": float("nan")}, "limits.cpus"),
+        ({"cpus": 1e7}, "limits.cpus"),
+    ],
+    ids=["pids", "memory", "cpus-nan", "cpus-huge"],
+)
+def test_run_limits_the_kernel_cannot_take_are_invalid_argument(
+    client: CoworkClient, limits: dict[str, float], needle: str
+) -> None:
+    with pytest.raises(Exception) as ei:
+        client.run(["true"], limits=limits)
+    assert getattr(ei.value, "code", "") == "INVALID_ARGUMENT"
+    assert needle in str(ei.value)
