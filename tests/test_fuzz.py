@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,19 +100,39 @@ def md(agent: AgentProc) -> tuple[tuple[str, str]]:
 
 
 def seed(root: Path) -> None:
-    """What the paths strategy points at: files, directories, symlinks in and out, a FIFO."""
-    (root / "d" / "sub").mkdir(parents=True, exist_ok=True)
-    (root / "empty").mkdir(exist_ok=True)
+    """What the paths strategy points at: files, directories, symlinks in and out, a FIFO.
+
+    Restored before every example, whatever the last one did (a rename can leave a
+    FIFO where f.txt was: writing to it would block this test forever).
+    """
+
+    def kind(p: Path) -> int | None:
+        try:
+            return stat.S_IFMT(os.lstat(p).st_mode)
+        except FileNotFoundError:
+            return None
+
+    def clear(p: Path) -> None:
+        if kind(p) == stat.S_IFDIR:
+            shutil.rmtree(p)
+        elif kind(p) is not None:
+            os.unlink(p)
+
+    for rel in ("d", "d/sub", "empty"):
+        if kind(root / rel) != stat.S_IFDIR:
+            clear(root / rel)
+            (root / rel).mkdir()
     for rel, data in (("f.txt", b"hello\n"), ("d/f.txt", b"x" * 5000)):
-        p = root / rel
-        if not p.is_file():
-            if p.is_dir():
-                continue
-            p.write_bytes(data)
+        if kind(root / rel) != stat.S_IFREG:
+            clear(root / rel)
+            (root / rel).write_bytes(data)
     for name, target in (("link", "d"), ("escape", "/etc"), ("dangling", "nowhere")):
-        if not os.path.lexists(root / name):
-            os.symlink(target, root / name)
-    if not os.path.lexists(root / "fifo"):
+        p = root / name
+        if kind(p) != stat.S_IFLNK or os.readlink(p) != target:
+            clear(p)
+            os.symlink(target, p)
+    if kind(root / "fifo") != stat.S_IFIFO:
+        clear(root / "fifo")
         os.mkfifo(root / "fifo")
 
 
