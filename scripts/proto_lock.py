@@ -7,6 +7,10 @@ for each protocol version ever released, the sha256 of the .proto files it had:
 
     <version> <sha256 of proto/cowork/agent/v1/*.proto>
 
+The hash covers what the contract says, not how it is written: each file's tokens
+(names, numbers, punctuation, string literals) with comments and layout left out,
+so fixing a comment or reformatting needs no bump, and any other change does.
+
 and the history is append-only:
 
   check  (make proto-check):  the .proto files must hash to the entry of the current
@@ -32,7 +36,8 @@ PROTO_DIR = Path("proto/cowork/agent/v1")
 LOCK = PROTO_DIR / "PROTOCOL.lock"
 DEFAULTS = Path("cowork/defaults.py")
 HEADER = """\
-# Protocol versions and the sha256 of proto/cowork/agent/v1/*.proto each one had.
+# Protocol versions and the sha256 of proto/cowork/agent/v1/*.proto each one had
+# (over their tokens: comments and layout do not count).
 # Append-only, written by `make proto-lock`, checked by `make proto-check`
 # (scripts/proto_lock.py). A proto change needs a PROTOCOL_VERSION bump in
 # cowork/defaults.py first; then `make proto-lock` and commit this file.
@@ -43,14 +48,32 @@ class LockError(Exception):
     """What is wrong and what to do, as one line."""
 
 
+_TOKEN = re.compile(
+    r"""
+      (?P<comment>//[^\n]*|/\*.*?\*/)        # dropped
+    | (?P<string>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')
+    | (?P<word>[A-Za-z0-9_.+-]+)
+    | (?P<space>\s+)                          # dropped
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def contract_tokens(source: str) -> list[str]:
+    """The tokens of a .proto file: what it says, without comments or layout."""
+    return [m.group() for m in _TOKEN.finditer(source) if m.lastgroup not in ("comment", "space")]
+
+
 def proto_hash(root: Path) -> str:
-    """sha256 over every .proto file: its name, then its bytes (sorted by name)."""
+    """sha256 over every .proto file (sorted by name): its name, then its tokens."""
     digest = hashlib.sha256()
     files = sorted((root / PROTO_DIR).glob("*.proto"))
     if not files:
         raise LockError(f"no .proto files under {root / PROTO_DIR}")
     for f in files:
-        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        tokens = contract_tokens(f.read_text(encoding="utf-8"))
+        digest.update(f.name.encode() + b"\0" + "\n".join(tokens).encode() + b"\0")
     return digest.hexdigest()
 
 

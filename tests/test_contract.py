@@ -156,8 +156,9 @@ def _version(root: Path) -> int:
 
 
 def _touch_proto(root: Path) -> None:
+    """A change to the contract: a new message."""
     with open(root / "proto/cowork/agent/v1/agent.proto", "a") as f:
-        f.write("\n// a change\n")
+        f.write("\nmessage LockProbe { string added = 1; }\n")
 
 
 @pytest.fixture
@@ -179,6 +180,13 @@ def test_proto_change_without_a_version_bump_fails_the_check_in_one_line(
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "bump PROTOCOL_VERSION" in r.stderr
     assert "make proto-lock" in r.stderr
+
+
+def test_comments_and_layout_need_no_bump(locked_tree: Path) -> None:
+    proto = locked_tree / "proto/cowork/agent/v1/agent.proto"
+    text = proto.read_text()
+    proto.write_text("// a new comment\n" + text.replace(" = ", "  =  ") + "\n/* more */\n")
+    assert _lock(locked_tree, "check").returncode == 0
 
 
 def test_relocking_a_changed_proto_under_the_same_version_is_refused(locked_tree: Path) -> None:
@@ -216,7 +224,8 @@ def test_make_proto_check_runs_the_lock_check(locked_tree: Path) -> None:
     assert run(str(locked_tree)).returncode == 0  # fresh generated code in the copy
     ok = run("--check")
     assert ok.returncode == 0 and "is locked" in ok.stdout, ok.stderr
-    _touch_proto(locked_tree)  # a comment: the generated code stays the same
+    _touch_proto(locked_tree)
+    assert run(str(locked_tree)).returncode == 0  # generated code follows the change
     bad = run("--check")
     assert bad.returncode == 1 and "bump PROTOCOL_VERSION" in bad.stderr
 
