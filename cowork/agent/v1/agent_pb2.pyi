@@ -143,7 +143,10 @@ class InfoResponse(_message.Message):
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Feature names the agent supports, e.g. "process.exec", "process.pty",
-        "files", "claude", "listen.vsock". Clients gate features on these.
+        "files", "policy", "logs", "claude". Clients gate features on these, so the
+        ones that depend on configuration appear only where configured and working:
+        "sandbox.bwrap" and "sandbox.egress" (the policy in force boxes runs, and
+        bwrap works here), "limits.cgroup2" (per-run cgroup limits), "listen.vsock".
         """
 
     @_builtins.property
