@@ -166,6 +166,12 @@ def read_token(path: str) -> bytes:
         raise SystemExit(f"cowork-agent: token file {path} is world-readable; chmod 600 it")
     if len(token) < 16:
         raise SystemExit(f"cowork-agent: token in {path} is too short (need >= 16 bytes)")
+    if not all(0x21 <= b <= 0x7E for b in token):
+        # gRPC metadata carries printable ASCII only: no client could ever send this token.
+        raise SystemExit(
+            f"cowork-agent: token in {path} is not printable ASCII (write e.g. "
+            "'openssl rand -hex 32' into it)"
+        )
     return token
 
 

@@ -125,3 +125,28 @@ def test_vsock_listener_without_support_is_a_clear_error(tmp_path: Path) -> None
         timeout=30,
     )
     assert r.returncode == 2 and "vsock" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_token_no_client_can_send_is_refused_at_start(tmp_path: Path) -> None:
+    tok = tmp_path / "tok"
+    tok.write_bytes(b"\xff\xfe binary token bytes \x00\x01")
+    tok.chmod(0o600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guest_agent",
+            "--allow-root",
+            "--listen",
+            f"unix:{tmp_path}/a.sock",
+            "--token-file",
+            str(tok),
+            "--root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode != 0 and "not printable ASCII" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
