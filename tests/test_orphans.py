@@ -188,8 +188,12 @@ def test_orphans_of_a_live_run_are_adopted_by_the_agent_and_reaped(
     out = next(events)
     assert isinstance(out, Output)
     orphan = int(out.data)
-    with open(f"/proc/{orphan}/stat") as f:
-        assert int(f.read().rsplit(")", 1)[1].split()[1]) == agent.pid
+
+    def parent() -> int:
+        with open(f"/proc/{orphan}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    assert wait_until(lambda: parent() == agent.pid, 2.0)  # once the subshell is gone
     assert wait_until(lambda: not pid_exists(orphan), 3.0)
     del events  # ends the stream
 
