@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import errno
 import json
 import os
 import pwd
@@ -36,7 +36,7 @@ import re
 import shutil
 import signal
 import subprocess
-import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,16 +54,24 @@ from .errors import AgentError, denied, invalid, not_found
 from .info import AgentService
 from .paths import PathPolicy
 from .policy import Limits
-from .process import Spawned, base_environment, limits_of, pump, write_all
+from .process import PipeWatch, Spawned, base_environment, drain, limits_of, pump, write_all
+from .reaper import REAPER
 from .rpc import Context, audit
 from .sandbox import Launch, RunUser, Sandbox, drop_to, lookup_user
 
-# Limits on what one event may carry (a gRPC message is capped at ~4 MiB).
+# Limits on what one event may carry: each must fit one gRPC message (~4 MiB,
+# MAX_MESSAGE_BYTES), whatever the CLI prints, or whatever a process of the run
+# writes to the CLI's stdout (it can: /proc/PID/fd/1).
 TOOL_RESULT_LIMIT = 64 * 1024
 TOOL_RESULT_MAX_LIMIT = 1024 * 1024
 TOOL_INPUT_LIMIT = 1024 * 1024
 RAW_LIMIT = 1024 * 1024
-LINE_LIMIT = 32 * 1024 * 1024  # longer stdout lines are dropped (with a LogEvent saying so)
+RESULT_TEXT_LIMIT = 1024 * 1024  # the full text also came as assistant_text events
+TEXT_PIECE = 1024 * 1024  # a longer assistant text is split into pieces (AssistantTextEvent.more)
+LIST_LIMIT = 256 * 1024  # errors, permission denials, tools: in all
+FIELD_LIMIT = 64 * 1024  # any string, once an event is still over EVENT_LIMIT
+EVENT_LIMIT = 3 * 1024 * 1024  # serialized size of one event, with room below the cap
+LINE_LIMIT = 16 * 1024 * 1024  # longer stdout lines are dropped (with a LogEvent saying so)
 LOG_LINE_LIMIT = 8 * 1024
 STDERR_TAIL_LINES = 20
 EVENT_QUEUE = 64
@@ -185,8 +193,119 @@ def build_env(req: pb.AskRequest, user: RunUser) -> dict[str, str]:
 def _cut(text: str, limit: int) -> tuple[str, bool]:
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
-        return text, False
+        return data.decode("utf-8") if len(data) != len(text) else text, False
     return data[:limit].decode("utf-8", "ignore"), True
+
+
+def _cut_list(items: list[str], each: int, total: int) -> tuple[list[str], bool]:
+    """Each item cut to `each` bytes, and the list cut after `total` bytes in all."""
+    out: list[str] = []
+    cut = False
+    used = 0
+    for item in items:
+        text, was_cut = _cut(item, each)
+        size = len(text.encode())
+        if used + size > total:
+            return out, True
+        out.append(text)
+        used += size
+        cut = cut or was_cut
+    return out, cut
+
+
+def _clean_strings(obj: Any) -> Any:
+    """`obj` with lone surrogates (JSON "\\ud800", which protobuf cannot carry) replaced."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(obj, list):
+        return [_clean_strings(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_clean_strings(k): _clean_strings(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_line(text: str) -> Any:
+    """A stream-json line as Python objects whose strings protobuf can carry (ValueError if it
+    is not JSON, RecursionError if it nests too deeply)."""
+    obj = json.loads(text)
+    if "\\ud" in text or "\\uD" in text:  # only an escape can make a lone surrogate
+        obj = _clean_strings(obj)
+    return obj
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """`text` split into pieces of at most `size` UTF-8 bytes, never inside a character."""
+    data = text.encode("utf-8", "replace")
+    out = []
+    start = 0
+    while start < len(data):
+        end = min(start + size, len(data))
+        while end < len(data) and end > start and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        out.append(data[start:end].decode("utf-8"))
+        start = end
+    return out or [""]
+
+
+def _shrink(msg: Any) -> bool:
+    """Cut the longest strings of `msg` (halving, down to FIELD_LIMIT; lists to LIST_LIMIT)
+    until it fits EVENT_LIMIT. Returns whether anything was cut."""
+    cut = False
+    while msg.ByteSize() > EVENT_LIMIT:
+        best: tuple[int, Any] | None = None
+        for fd in msg.DESCRIPTOR.fields:
+            if fd.type != fd.TYPE_STRING:
+                continue
+            value = getattr(msg, fd.name)
+            if fd.is_repeated:
+                size = sum(len(v.encode("utf-8", "replace")) for v in value)
+                if size > LIST_LIMIT or any(len(v) > FIELD_LIMIT for v in value):
+                    best = max(best or (0, fd), (size, fd), key=lambda b: b[0])
+            elif len(value.encode("utf-8", "replace")) > FIELD_LIMIT:
+                best = max(best or (0, fd), (len(value.encode()), fd), key=lambda b: b[0])
+        if best is None:
+            return cut  # nothing left to cut: the caller falls back
+        size, fd = best
+        if fd.is_repeated:
+            items, _ = _cut_list(list(getattr(msg, fd.name)), FIELD_LIMIT, LIST_LIMIT)
+            del getattr(msg, fd.name)[:]
+            getattr(msg, fd.name).extend(items)
+        else:
+            text, _ = _cut(getattr(msg, fd.name), max(FIELD_LIMIT, size // 2))
+            setattr(msg, fd.name, text)
+        cut = True
+    return cut
+
+
+def fit_event(ev: pb.AskEvent) -> list[pb.AskEvent]:
+    """`ev` as events that each fit one gRPC message: a long assistant text is split into
+    pieces (`more`), anything else cut (`truncated`). An event over the cap would end the
+    stream with RESOURCE_EXHAUSTED and no terminal event."""
+    if ev.ByteSize() <= EVENT_LIMIT:
+        return [ev]
+    kind = ev.WhichOneof("event")
+    if kind == "assistant_text":
+        whole = ev.assistant_text
+        texts = _pieces(whole.text, TEXT_PIECE)
+        out = []
+        for i, text in enumerate(texts):
+            piece = pb.AssistantTextEvent()
+            piece.CopyFrom(whole)
+            piece.text = text
+            piece.more = i < len(texts) - 1
+            _shrink(piece)  # the other fields (ids) are the CLI's: bounded like the rest
+            out.append(pb.AskEvent(assistant_text=piece))
+        return out
+    if kind is None:
+        return []
+    inner = getattr(ev, kind)
+    cut = _shrink(inner)
+    if cut and "truncated" in inner.DESCRIPTOR.fields_by_name:
+        inner.truncated = True
+    if ev.ByteSize() <= EVENT_LIMIT:
+        return [ev]
+    note = f"[agent] dropped a {kind} event of {ev.ByteSize()} bytes (over the message cap)"
+    return [pb.AskEvent(log=pb.LogEvent(line=note, stream="stdout"))]
 
 
 def _tool_result_text(content: Any) -> str:
@@ -209,17 +328,22 @@ def _tool_result_text(content: Any) -> str:
     return json.dumps(content)
 
 
-def _int(v: Any) -> int:
+def _int(v: Any, lo: int = 0, hi: int = 2**32 - 1) -> int:
+    """`v` as an int clamped to the proto field's range (lo..hi; default uint32)."""
     try:
-        return int(v or 0)
-    except (TypeError, ValueError):
+        return min(max(int(v or 0), lo), hi)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON 1e999 is inf
         return 0
+
+
+def _u64(v: Any) -> int:
+    return _int(v, 0, 2**64 - 1)
 
 
 def _float(v: Any) -> float:
     try:
         return float(v or 0.0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return 0.0
 
 
@@ -250,29 +374,36 @@ def result_event(obj: dict[str, Any], line: str) -> pb.ResultEvent:
         obj.get("permission_denials") if isinstance(obj.get("permission_denials"), list) else []
     )
     assert isinstance(denials, list)
-    text, _ = _cut(line, RAW_LIMIT)
-    result = obj.get("result")
+    text, json_cut = _cut(line, RAW_LIMIT)
+    result, result_cut = _cut(
+        obj["result"] if isinstance(obj.get("result"), str) else "", RESULT_TEXT_LIMIT
+    )
+    error_list, errors_cut = _cut_list(
+        [e if isinstance(e, str) else json.dumps(e) for e in errors], FIELD_LIMIT, LIST_LIMIT
+    )
+    denial_list, denials_cut = _cut_list([json.dumps(d) for d in denials], FIELD_LIMIT, LIST_LIMIT)
     return pb.ResultEvent(
         subtype=str(obj.get("subtype", "")),
         is_error=bool(obj.get("is_error")),
-        result=result if isinstance(result, str) else "",
+        result=result,
         num_turns=_int(obj.get("num_turns")),
-        duration_ms=_int(obj.get("duration_ms")),
-        duration_api_ms=_int(obj.get("duration_api_ms")),
+        duration_ms=_u64(obj.get("duration_ms")),
+        duration_api_ms=_u64(obj.get("duration_api_ms")),
         total_cost_usd=_float(obj.get("total_cost_usd")),
         usage=pb.Usage(
-            input_tokens=_int(usage.get("input_tokens")),
-            output_tokens=_int(usage.get("output_tokens")),
-            cache_creation_input_tokens=_int(usage.get("cache_creation_input_tokens")),
-            cache_read_input_tokens=_int(usage.get("cache_read_input_tokens")),
+            input_tokens=_u64(usage.get("input_tokens")),
+            output_tokens=_u64(usage.get("output_tokens")),
+            cache_creation_input_tokens=_u64(usage.get("cache_creation_input_tokens")),
+            cache_read_input_tokens=_u64(usage.get("cache_read_input_tokens")),
         ),
         session_id=str(obj.get("session_id", "")),
-        permission_denials_json=[json.dumps(d) for d in denials],
-        api_error_status=_int(obj.get("api_error_status")),
+        permission_denials_json=denial_list,
+        api_error_status=_int(obj.get("api_error_status"), 0, 2**31 - 1),
         stop_reason=str(obj.get("stop_reason") or ""),
         terminal_reason=str(obj.get("terminal_reason") or ""),
-        errors=[e if isinstance(e, str) else json.dumps(e) for e in errors],
+        errors=error_list,
         json=text,
+        truncated=json_cut or result_cut or errors_cut or denials_cut,
     )
 
 
@@ -288,19 +419,20 @@ def map_line(obj: Any, line: str, tool_result_limit: int = TOOL_RESULT_LIMIT) ->
     kind = obj.get("type")
     parent = str(obj.get("parent_tool_use_id") or "")
     if kind == "system" and obj.get("subtype") == "init":
-        tools = _list(obj, "tools")
-        text, _ = _cut(line, RAW_LIMIT)
+        tools, tools_cut = _cut_list([str(t) for t in _list(obj, "tools")], FIELD_LIMIT, LIST_LIMIT)
+        text, json_cut = _cut(line, RAW_LIMIT)
         return [
             pb.AskEvent(
                 init=pb.InitEvent(
                     session_id=str(obj.get("session_id", "")),
                     model=str(obj.get("model", "")),
-                    tools=[str(t) for t in tools],
+                    tools=tools,
                     cwd=str(obj.get("cwd", "")),
                     claude_version=str(obj.get("claude_code_version", "")),
                     permission_mode=str(obj.get("permissionMode", "")),
                     api_key_source=str(obj.get("apiKeySource", "")),
                     json=text,
+                    truncated=json_cut or tools_cut,
                 )
             )
         ]
@@ -415,40 +547,6 @@ def _lines(sink: Any) -> Any:
 
 
 # -- processes ----------------------------------------------------------------------------
-def _session_members(sid: int, exclude: int) -> list[int]:
-    """Live processes in session `sid` (other than `exclude`)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == exclude:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
-
-
-async def _kill_session(sp: Spawned, grace: float) -> int:
-    """Kill what is left in the run's session (the leader must not be reaped yet)."""
-    members = _session_members(sp.pid, sp.pid)
-    if not members:
-        return 0
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            members = _session_members(sp.pid, sp.pid)
-            if not members:
-                return 0
-            await asyncio.sleep(0.02)
-    return len(members)
-
-
 def _spawn(
     argv: list[str],
     cwd: str,
@@ -471,6 +569,9 @@ def _spawn(
         argv, env = launch.argv, launch.env
     else:
         argv = drop_to(user) + argv  # empty when the CLI runs as the agent's own user
+    # Inherited by every process of the run: how the reaper finds its leftovers.
+    run = REAPER.new_run()
+    env = {**env, **run.env}
     r_out, w_out = os.pipe2(os.O_CLOEXEC)
     r_err, w_err = os.pipe2(os.O_CLOEXEC)
     r_in, w_in = os.pipe2(os.O_CLOEXEC)
@@ -487,6 +588,7 @@ def _spawn(
             pass_fds=launch.pass_fds if launch is not None else (),
         )
     except BaseException as exc:
+        REAPER.end_run(run)
         for fd in (r_out, r_err, w_in):
             os.close(fd)
         if launch is not None:
@@ -495,6 +597,11 @@ def _spawn(
             raise not_found(f"claude not found: {argv[0]}") from None
         if isinstance(exc, PermissionError):
             raise denied(f"cannot run {argv[0]}: {exc.strerror}") from None
+        if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
+            raise invalid(
+                "the prompt options and environment are too big for the OS "
+                "(E2BIG: the kernel takes 128 KiB per value and about 2 MiB in all)"
+            ) from None
         if isinstance(exc, OSError):
             raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start claude: {exc}") from None
         raise
@@ -503,6 +610,7 @@ def _spawn(
             os.close(fd)
         if launch is not None:
             launch.close_child_fds()
+    REAPER.track(popen.pid, run)
     for fd in (r_out, r_err, w_in):
         os.set_blocking(fd, False)
     sp = Spawned(
@@ -512,6 +620,7 @@ def _spawn(
         out_fds=[("stdout", r_out), ("stderr", r_err)],
         pty_master=None,
         launch=launch,
+        run=run,
     )
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
@@ -529,6 +638,8 @@ class _RunState:
     )
     timed_out: bool = False
     stopping: bool = False
+    # Why the agent cancelled the run itself (shutdown); "" when it did not.
+    cancelled: str = ""
     events: int = 0
 
 
@@ -546,6 +657,21 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         self.kill_grace = cfg.kill_grace or KILL_GRACE_SECONDS
         self.interrupt_grace = interrupt_grace
         self._version_cache: dict[tuple[str, float], str] = {}
+        # Runs in progress: what cancel_all() stops, and what it waits for.
+        self._active: dict[asyncio.Event, asyncio.Event] = {}
+        self._cancel_reason = ""
+        _SERVICES.add(self)
+
+    async def cancel_all(self, reason: str) -> None:
+        """Stop every run now; each stream ends with an ErrorEvent saying `reason` (cancelled)."""
+        self._cancel_reason = reason
+        ends = []
+        for cancel, ended in list(self._active.items()):
+            cancel.set()
+            ends.append(ended.wait())
+        if ends:
+            limit = self.interrupt_grace + 2 * self.kill_grace + PIPE_DRAIN_SECONDS + 1
+            await asyncio.wait([asyncio.ensure_future(e) for e in ends], timeout=limit)
 
     def _user(self) -> RunUser:
         """The sandbox's identity when there is one (the agent's), else --run-as."""
@@ -607,7 +733,6 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             ) from None
         finally:
             work.cancel()
-            await _kill_session(sp, self.kill_grace)
             await sp.teardown(self.kill_grace)
             await asyncio.gather(work, return_exceptions=True)
             sp.close_fds()
@@ -637,7 +762,8 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         return cwd
 
     async def _stop(self, sp: Spawned, state: _RunState) -> None:
-        """Interrupt the run: SIGINT, SIGTERM, SIGKILL to its group, then clear its session."""
+        """Interrupt the run: SIGINT, SIGTERM, SIGKILL to its group; then reap the CLI and
+        stop whatever the run left, in its group or not (Spawned.teardown)."""
         state.stopping = True
         if not await sp.exited_within(0):
             sp.signal_group(signal.SIGINT)
@@ -646,8 +772,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                 if not await sp.exited_within(self.kill_grace):
                     sp.signal_group(signal.SIGKILL)
                     await sp.wait_exited()
-        if not sp.reaped:
-            await _kill_session(sp, self.kill_grace)
+        await sp.teardown(self.kill_grace)
 
     async def Ask(self, request: pb.AskRequest, context: Context) -> AsyncIterator[pb.AskEvent]:
         if not request.prompt and not (request.resume or request.continue_session):
@@ -678,33 +803,39 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         audit(pid=sp.pid, sandbox=sp.launch is not None and sp.launch.info_r is not None)
         state = _RunState()
         queue: asyncio.Queue[pb.AskEvent | None] = asyncio.Queue(EVENT_QUEUE)
+        watch = PipeWatch()
+        cancel, ended = asyncio.Event(), asyncio.Event()
+        self._active[cancel] = ended
+
+        def log_event(name: str, text: str) -> pb.AskEvent:
+            short, cut = _cut(text, LOG_LINE_LIMIT)
+            return pb.AskEvent(log=pb.LogEvent(line=short, stream=name, truncated=cut))
 
         async def on_line(name: str, line: bytes | None, size: int) -> None:
             if line is None:
-                await queue.put(
-                    pb.AskEvent(
-                        log=pb.LogEvent(
-                            stream=name,
-                            line=f"[agent] dropped a {name} line longer than {LINE_LIMIT} bytes",
-                        )
-                    )
-                )
+                note = f"[agent] dropped a {name} line longer than {LINE_LIMIT} bytes"
+                await queue.put(log_event(name, note))
                 return
             text = line.decode("utf-8", "replace")
             if name == "stderr":
-                short, _ = _cut(text, LOG_LINE_LIMIT)
-                state.stderr_tail.append(short)
-                await queue.put(pb.AskEvent(log=pb.LogEvent(line=short, stream="stderr")))
+                ev = log_event("stderr", text)
+                state.stderr_tail.append(ev.log.line)
+                await queue.put(ev)
                 return
             if not text.strip():
                 return
             try:
-                obj = json.loads(text)
-            except ValueError:
-                short, _ = _cut(text, LOG_LINE_LIMIT)
-                await queue.put(pb.AskEvent(log=pb.LogEvent(line=short, stream="stdout")))
+                obj = parse_line(text)
+            except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
+                await queue.put(log_event("stdout", text))
                 return
-            for ev in map_line(obj, text, limit):
+            try:
+                events = map_line(obj, text, limit)
+            except Exception as exc:  # a line must never stop the reading (the CLI would block)
+                note = f"[agent] could not map a stdout line of {size} bytes: {exc!r}"
+                await queue.put(log_event("stdout", note))
+                return
+            for ev in events:
                 if ev.WhichOneof("event") == "result":
                     state.result = ev.result  # held until the CLI has exited
                     tasks.append(asyncio.ensure_future(linger()))
@@ -716,12 +847,14 @@ class ClaudeService(pb_grpc.ClaudeServicer):
 
         async def read(name: str, fd: int) -> None:
             feed, flush = _lines(on_line)
-            await pump(fd, name, feed)
+            await pump(fd, name, feed, watch)
             await flush(name)
+
+        readers = asyncio.gather(*(read(name, fd) for name, fd in sp.out_fds))
 
         async def outputs() -> None:
             try:
-                await asyncio.gather(*(read(name, fd) for name, fd in sp.out_fds))
+                await readers
             finally:
                 await queue.put(None)
 
@@ -734,27 +867,40 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                 os.close(stdin_fd)
 
         async def watchdog() -> None:
-            """The timeout, and leftovers holding the output pipes open after the CLI exited."""
+            """The timeout; then what holds the output pipes open once the CLI is gone.
+
+            Leftovers of the run get PIPE_DRAIN_SECONDS after the CLI exited, then
+            they are stopped (Spawned.teardown, wherever they went); a pipe still
+            held after that is held from outside the run and is no longer read.
+            """
             timeout = request.timeout_ms / 1000 if request.timeout_ms else None
             try:
                 await asyncio.wait_for(sp.wait_exited(), timeout)
             except asyncio.TimeoutError:
                 state.timed_out = True
                 await self._stop(sp, state)
-                return
-            await asyncio.sleep(PIPE_DRAIN_SECONDS)
-            await _kill_session(sp, self.kill_grace)
+            else:
+                await asyncio.wait([readers], timeout=PIPE_DRAIN_SECONDS)
+                await sp.teardown(self.kill_grace)
+            await drain(readers, watch, PIPE_DRAIN_SECONDS)
 
         async def linger() -> None:
             """The CLI should exit right after its result line; stop it if it does not."""
             if not await sp.exited_within(RESULT_EXIT_GRACE_SECONDS):
                 await self._stop(sp, state)
 
+        async def canceller() -> None:
+            """The agent cancels the run itself (cancel_all: shutdown)."""
+            await cancel.wait()
+            state.cancelled = self._cancel_reason
+            await self._stop(sp, state)
+
         tasks: list[asyncio.Future[None]] = []
         tasks += [
             asyncio.ensure_future(outputs()),
             asyncio.ensure_future(feed_prompt()),
             asyncio.ensure_future(watchdog()),
+            asyncio.ensure_future(canceller()),
         ]
         finished = False
         try:
@@ -762,23 +908,26 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                 ev = await queue.get()
                 if ev is None:
                     break
-                state.events += 1
-                yield ev
+                for piece in fit_event(ev):
+                    state.events += 1
+                    yield piece
             await sp.wait_exited()
-            # Leftovers in the session die before the leader is reaped (and its pid reusable).
-            await _kill_session(sp, self.kill_grace)
-            yield self._final(sp, state)
+            await sp.teardown(self.kill_grace)  # reap, and stop what the run left behind
+            for piece in fit_event(self._final(sp, state)):
+                yield piece
             finished = True
         finally:
             if not finished:
                 audit(cancelled=True)
             for t in tasks:
                 t.cancel()
+            readers.cancel()
             await self._stop(sp, state)
-            await sp.teardown(self.kill_grace)
             # Cancelled tasks unregister their fds before the fds are closed.
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(readers, *tasks, return_exceptions=True)
             sp.close_fds()
+            self._active.pop(cancel, None)
+            ended.set()
 
     def _final(self, sp: Spawned, state: _RunState) -> pb.AskEvent:
         """The terminal event: the held result (with the exit status) or an error."""
@@ -787,6 +936,17 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         sig = -rc if rc < 0 else 0
         audit(exit_code=code, signal=sig, timed_out=state.timed_out, events=state.events)
         tail = "\n".join(state.stderr_tail)
+        if state.cancelled:
+            audit(cancelled=True)
+            return pb.AskEvent(
+                error=pb.ErrorEvent(
+                    message=f"claude run was cancelled: {state.cancelled}",
+                    exit_code=code,
+                    signal=sig,
+                    cancelled=True,
+                    stderr_tail=tail,
+                )
+            )
         if state.timed_out:
             return pb.AskEvent(
                 error=pb.ErrorEvent(
@@ -827,6 +987,14 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                 message=message, exit_code=code, signal=sig, stderr_tail=tail, oom_killed=oom
             )
         )
+
+
+_SERVICES: weakref.WeakSet[ClaudeService] = weakref.WeakSet()
+
+
+async def cancel_all(reason: str) -> None:
+    """Stop every Claude run of this agent (its stream ends with a cancelled ErrorEvent)."""
+    await asyncio.gather(*(service.cancel_all(reason) for service in list(_SERVICES)))
 
 
 def register(

@@ -203,7 +203,11 @@ class AgentServer:
         await self.health.enter_graceful_shutdown()
         for relay in self.relays:
             relay.close()
-        await self.server.stop(grace)
+        # New calls are refused at once; Claude runs end with a cancelled ErrorEvent
+        # (sent within the grace period) instead of a bare CANCELLED status.
+        await asyncio.gather(
+            claude.cancel_all("the agent is shutting down"), self.server.stop(grace)
+        )
         reaper.REAPER.close()
 
     async def serve_forever(self) -> None:

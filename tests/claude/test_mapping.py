@@ -226,6 +226,56 @@ def test_result_line() -> None:
     assert folded.exit_code == 1 and folded.error == "Reached maximum number of turns (2)"
 
 
+def test_result_numbers_out_of_their_field_range_are_clamped() -> None:
+    line: dict[str, Any] = {"type": "result", "num_turns": 1e999, "duration_ms": -5}
+    line["api_error_status"] = 2**40
+    line["usage"] = {"input_tokens": 10**30, "output_tokens": "lots"}
+    (ev,) = mapped(line)
+    r = ev.result
+    assert (r.num_turns, r.duration_ms, r.api_error_status) == (0, 0, 2**31 - 1)
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (2**64 - 1, 0)
+
+
+def test_a_result_over_the_limits_is_cut_and_says_so() -> None:
+    line: dict[str, Any] = {"type": "result", "result": "r" * (2 * gc.RESULT_TEXT_LIMIT)}
+    line["errors"] = ["e" * 1000] * 1000
+    (ev,) = mapped(line)
+    r = ev.result
+    assert r.truncated and len(r.result) == gc.RESULT_TEXT_LIMIT
+    assert sum(len(e) for e in r.errors) <= gc.LIST_LIMIT
+    assert ev.ByteSize() <= gc.EVENT_LIMIT
+    assert not mapped({"type": "result", "result": "short"})[0].result.truncated
+
+
+def test_lone_surrogates_in_a_line_are_replaced() -> None:
+    text = '{"type":"assistant","message":{"content":[{"type":"text","text":"a\\ud800b"}]}}'
+    (ev,) = gc.map_line(gc.parse_line(text), text)
+    assert ev.assistant_text.text == "a?b"  # protobuf strings must be valid UTF-8
+
+
+def test_fit_event_keeps_an_event_under_the_limit_as_it_is() -> None:
+    ev = pb.AskEvent(assistant_text=pb.AssistantTextEvent(text="hello", message_id="m"))
+    assert gc.fit_event(ev) == [ev]
+
+
+def test_fit_event_splits_a_long_text_on_character_boundaries() -> None:
+    text = "é" * (2 * gc.EVENT_LIMIT)  # 2 bytes each: splits must not cut one in half
+    ev = pb.AskEvent(assistant_text=pb.AssistantTextEvent(text=text, message_id="m"))
+    pieces = [p.assistant_text for p in gc.fit_event(ev)]
+    assert "".join(p.text for p in pieces) == text
+    assert [p.more for p in pieces] == [True] * (len(pieces) - 1) + [False]
+    assert all(p.message_id == "m" and p.ByteSize() <= gc.EVENT_LIMIT for p in pieces)
+
+
+def test_fit_event_cuts_the_longest_fields_of_other_events_and_says_so() -> None:
+    big = "m" * (5 * 1024 * 1024)
+    ev = pb.AskEvent(init=pb.InitEvent(model=big, session_id="s", tools=["t"] * 200_000))
+    (fitted,) = gc.fit_event(ev)
+    assert fitted.ByteSize() <= gc.EVENT_LIMIT
+    assert fitted.init.truncated and fitted.init.session_id == "s"
+    assert big.startswith(fitted.init.model)
+
+
 # -- argv / env --------------------------------------------------------------------------
 def test_argv_glues_values_and_keeps_prompt_out() -> None:
     req = pb.AskRequest(

@@ -210,6 +210,7 @@ class InitEvent(_message.Message):
     API_KEY_SOURCE_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     JSON_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     model: _builtins.str
     cwd: _builtins.str
@@ -221,6 +222,8 @@ class InitEvent(_message.Message):
     """The OS user the CLI runs as (set by the agent)."""
     json: _builtins.str
     """The whole stream-json line, for fields not mapped above."""
+    truncated: _builtins.bool
+    """True when json or another field was cut at the agent's limit (json is then not valid JSON)."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -235,10 +238,11 @@ class InitEvent(_message.Message):
         api_key_source: _builtins.str = ...,
         user: _builtins.str = ...,
         json: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_source", b"api_key_source", "claude_version", b"claude_version", "cwd", b"cwd", "json", b"json", "model", b"model", "permission_mode", b"permission_mode", "session_id", b"session_id", "tools", b"tools", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_source", b"api_key_source", "claude_version", b"claude_version", "cwd", b"cwd", "json", b"json", "model", b"model", "permission_mode", b"permission_mode", "session_id", b"session_id", "tools", b"tools", "truncated", b"truncated", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,6 +256,7 @@ class AssistantTextEvent(_message.Message):
     PARTIAL_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     PARENT_TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     partial: _builtins.bool
     """True for a partial delta (include_partial_messages), false for a full block.
@@ -260,6 +265,10 @@ class AssistantTextEvent(_message.Message):
     message_id: _builtins.str
     parent_tool_use_id: _builtins.str
     """Set when a subagent (Task tool) produced it: the id of that tool call."""
+    more: _builtins.bool
+    """True when the next AssistantTextEvent carries more of this same text: a
+    text over 1 MiB is split into pieces (concatenate them), never cut.
+    """
     def __init__(
         self,
         *,
@@ -267,10 +276,11 @@ class AssistantTextEvent(_message.Message):
         partial: _builtins.bool = ...,
         message_id: _builtins.str = ...,
         parent_tool_use_id: _builtins.str = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "parent_tool_use_id", b"parent_tool_use_id", "partial", b"partial", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "more", b"more", "parent_tool_use_id", b"parent_tool_use_id", "partial", b"partial", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,6 +405,7 @@ class ResultEvent(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
     JSON_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     subtype: _builtins.str
     """success | error_max_turns | error_during_execution | error_max_budget_usd | ..."""
     is_error: _builtins.bool
@@ -417,6 +428,11 @@ class ResultEvent(_message.Message):
     """Signal that ended the CLI, 0 if it exited."""
     json: _builtins.str
     """The whole stream-json line, for fields not mapped above."""
+    truncated: _builtins.bool
+    """True when result (over 1 MiB: the full text came in the assistant_text
+    events), json (then not valid JSON), errors or permission_denials_json
+    were cut at the agent's limits.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -447,10 +463,11 @@ class ResultEvent(_message.Message):
         errors: _abc.Iterable[_builtins.str] | None = ...,
         signal: _builtins.int = ...,
         json: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_error_status", b"api_error_status", "duration_api_ms", b"duration_api_ms", "duration_ms", b"duration_ms", "errors", b"errors", "exit_code", b"exit_code", "is_error", b"is_error", "json", b"json", "num_turns", b"num_turns", "permission_denials_json", b"permission_denials_json", "result", b"result", "session_id", b"session_id", "signal", b"signal", "stop_reason", b"stop_reason", "subtype", b"subtype", "terminal_reason", b"terminal_reason", "total_cost_usd", b"total_cost_usd", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_error_status", b"api_error_status", "duration_api_ms", b"duration_api_ms", "duration_ms", b"duration_ms", "errors", b"errors", "exit_code", b"exit_code", "is_error", b"is_error", "json", b"json", "num_turns", b"num_turns", "permission_denials_json", b"permission_denials_json", "result", b"result", "session_id", b"session_id", "signal", b"signal", "stop_reason", b"stop_reason", "subtype", b"subtype", "terminal_reason", b"terminal_reason", "total_cost_usd", b"total_cost_usd", "truncated", b"truncated", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -490,24 +507,30 @@ Global___RawEvent: _TypeAlias = RawEvent  # noqa: Y015
 
 @_typing.final
 class LogEvent(_message.Message):
-    """A line the CLI wrote to stderr (or a stdout line that is not JSON)."""
+    """A line the CLI wrote to stderr (or a stdout line that is not JSON), or a
+    note from the agent about the run's output (the line starts with "[agent]").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LINE_FIELD_NUMBER: _builtins.int
     STREAM_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     line: _builtins.str
     stream: _builtins.str
     """"stderr" or "stdout"."""
+    truncated: _builtins.bool
+    """True when line was cut at the agent's limit (8 KiB)."""
     def __init__(
         self,
         *,
         line: _builtins.str = ...,
         stream: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "stream", b"stream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "stream", b"stream", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,6 +554,9 @@ class ErrorEvent(_message.Message):
     signal: _builtins.int
     timed_out: _builtins.bool
     cancelled: _builtins.bool
+    """The agent cancelled the run itself (it is shutting down). A client that
+    cancels its own call receives no further events, this one included.
+    """
     stderr_tail: _builtins.str
     oom_killed: _builtins.bool
     """The run went past its memory limit and the kernel's OOM killer ended it."""

@@ -50,9 +50,14 @@ class ClaudeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Ask(self, request, context):
-        """Ask runs one prompt and streams its events; the last event is `result`
-        or `error`. Before the run starts: NOT_FOUND when the CLI is missing,
-        INVALID_ARGUMENT for bad options, NOT_FOUND / PERMISSION_DENIED for cwd.
+        """Ask runs one prompt and streams its events; once the run has started,
+        the last event is always `result` or `error` (unless the client cancels).
+        Every event fits the gRPC message cap: a long assistant text is split
+        over several events (AssistantTextEvent.more), other fields are cut to
+        the agent's limits and say so (`truncated`); a stdout line longer than
+        16 MiB is dropped (a LogEvent says so). Before the run starts: NOT_FOUND
+        when the CLI is missing, INVALID_ARGUMENT for bad options, NOT_FOUND /
+        PERMISSION_DENIED for cwd.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

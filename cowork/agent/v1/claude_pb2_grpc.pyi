@@ -38,9 +38,14 @@ class ClaudeStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ClaudeAsyncStub: ...
     Ask: _grpc.UnaryStreamMultiCallable[_claude_pb2.AskRequest, _claude_pb2.AskEvent]
-    """Ask runs one prompt and streams its events; the last event is `result`
-    or `error`. Before the run starts: NOT_FOUND when the CLI is missing,
-    INVALID_ARGUMENT for bad options, NOT_FOUND / PERMISSION_DENIED for cwd.
+    """Ask runs one prompt and streams its events; once the run has started,
+    the last event is always `result` or `error` (unless the client cancels).
+    Every event fits the gRPC message cap: a long assistant text is split
+    over several events (AssistantTextEvent.more), other fields are cut to
+    the agent's limits and say so (`truncated`); a stdout line longer than
+    16 MiB is dropped (a LogEvent says so). Before the run starts: NOT_FOUND
+    when the CLI is missing, INVALID_ARGUMENT for bad options, NOT_FOUND /
+    PERMISSION_DENIED for cwd.
     """
     Version: _grpc.UnaryUnaryMultiCallable[_claude_pb2.ClaudeVersionRequest, _claude_pb2.ClaudeVersionResponse]
     """Version reports whether the CLI is installed and its version."""
@@ -49,9 +54,14 @@ class ClaudeStub:
 class ClaudeAsyncStub(ClaudeStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ask: _aio.UnaryStreamMultiCallable[_claude_pb2.AskRequest, _claude_pb2.AskEvent]  # type: ignore[assignment]
-    """Ask runs one prompt and streams its events; the last event is `result`
-    or `error`. Before the run starts: NOT_FOUND when the CLI is missing,
-    INVALID_ARGUMENT for bad options, NOT_FOUND / PERMISSION_DENIED for cwd.
+    """Ask runs one prompt and streams its events; once the run has started,
+    the last event is always `result` or `error` (unless the client cancels).
+    Every event fits the gRPC message cap: a long assistant text is split
+    over several events (AssistantTextEvent.more), other fields are cut to
+    the agent's limits and say so (`truncated`); a stdout line longer than
+    16 MiB is dropped (a LogEvent says so). Before the run starts: NOT_FOUND
+    when the CLI is missing, INVALID_ARGUMENT for bad options, NOT_FOUND /
+    PERMISSION_DENIED for cwd.
     """
     Version: _aio.UnaryUnaryMultiCallable[_claude_pb2.ClaudeVersionRequest, _claude_pb2.ClaudeVersionResponse]  # type: ignore[assignment]
     """Version reports whether the CLI is installed and its version."""
@@ -63,9 +73,14 @@ class ClaudeServicer(metaclass=_abc_1.ABCMeta):
         request: _claude_pb2.AskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_claude_pb2.AskEvent], _abc.AsyncIterator[_claude_pb2.AskEvent]]:
-        """Ask runs one prompt and streams its events; the last event is `result`
-        or `error`. Before the run starts: NOT_FOUND when the CLI is missing,
-        INVALID_ARGUMENT for bad options, NOT_FOUND / PERMISSION_DENIED for cwd.
+        """Ask runs one prompt and streams its events; once the run has started,
+        the last event is always `result` or `error` (unless the client cancels).
+        Every event fits the gRPC message cap: a long assistant text is split
+        over several events (AssistantTextEvent.more), other fields are cut to
+        the agent's limits and say so (`truncated`); a stdout line longer than
+        16 MiB is dropped (a LogEvent says so). Before the run starts: NOT_FOUND
+        when the CLI is missing, INVALID_ARGUMENT for bad options, NOT_FOUND /
+        PERMISSION_DENIED for cwd.
         """
 
     @_abc_1.abstractmethod
