@@ -42,7 +42,7 @@ from cowork.defaults import (
     RUN_OUTPUT_LIMIT,
 )
 
-from .errors import AgentError, invalid, not_found
+from .errors import AgentError, from_oserror, invalid, not_found
 from .paths import PathPolicy
 from .policy import MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, Limits
 from .reaper import REAPER, Run
@@ -456,7 +456,10 @@ def spawn(
                 f"argv and environment too big for the OS ({size} bytes; "
                 f"the kernel takes at most {_ARG_MAX} in all and 128 KiB per string)"
             ) from None
-        raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start {argv[0]}: {exc}") from None
+        # ENOEXEC (not a program), ETXTBSY (being written), EMFILE, ...: the request's
+        # doing or the machine's state, never the agent's failure.
+        code = from_oserror(exc, argv[0]).code
+        raise AgentError(code, f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     except BaseException:
         REAPER.end_run(run)
         raise

@@ -270,3 +270,13 @@ def test_run_limits_the_kernel_cannot_take_are_invalid_argument(
         client.run(["true"], limits=limits)
     assert getattr(ei.value, "code", "") == "INVALID_ARGUMENT"
     assert needle in str(ei.value)
+
+
+def test_running_a_file_that_is_not_a_program_is_failed_precondition(
+    client: CoworkClient, agent: AgentProc
+) -> None:
+    client.write_file("not-a-program", b"\x7fELF garbage", mode=0o755)
+    with pytest.raises(Exception) as ei:
+        client.run(["./not-a-program"])
+    assert getattr(ei.value, "code", "") == "FAILED_PRECONDITION"
+    assert "Exec format error" in str(ei.value)

@@ -122,10 +122,11 @@ def seed(root: Path) -> None:
         if kind(root / rel) != stat.S_IFDIR:
             clear(root / rel)
             (root / rel).mkdir()
-    for rel, data in (("f.txt", b"hello\n"), ("d/f.txt", b"x" * 5000)):
+    for rel, data in (("f.txt", b"hello\n"), ("d/f.txt", b"x" * 5000), ("prog", b"\x7fELF?")):
         if kind(root / rel) != stat.S_IFREG:
             clear(root / rel)
             (root / rel).write_bytes(data)
+    os.chmod(root / "prog", 0o755)  # executable, but not a program
     for name, target in (("link", "d"), ("escape", "/etc"), ("dangling", "nowhere")):
         p = root / name
         if kind(p) != stat.S_IFLNK or os.readlink(p) != target:
@@ -361,7 +362,19 @@ PATHS = st.one_of(
 )
 # Commands that cannot harm this host, whatever their arguments; argument text is free.
 COMMANDS = st.sampled_from(
-    ["true", "false", "echo", "/bin/echo", "cat", "no-such-command-xyz", "", "/", "./f.txt", "env"]
+    [
+        "true",
+        "false",
+        "echo",
+        "/bin/echo",
+        "cat",
+        "no-such-command-xyz",
+        "./prog",
+        "",
+        "/",
+        "./f.txt",
+        "env",
+    ]
 )
 ARGV = st.tuples(COMMANDS, st.lists(TEXT, max_size=3)).map(lambda t: [t[0], *t[1]])
 SHELL = st.one_of(
