@@ -30,6 +30,7 @@ import asyncio
 import collections
 import errno
 import json
+import math
 import os
 import pwd
 import re
@@ -54,7 +55,16 @@ from .errors import AgentError, denied, invalid, not_found
 from .info import AgentService
 from .paths import PathPolicy
 from .policy import Limits
-from .process import PipeWatch, Spawned, base_environment, drain, limits_of, pump, write_all
+from .process import (
+    PipeWatch,
+    Spawned,
+    base_environment,
+    check_timeout,
+    drain,
+    limits_of,
+    pump,
+    write_all,
+)
 from .reaper import REAPER
 from .rpc import Context, audit
 from .sandbox import Launch, RunUser, Sandbox, drop_to, lookup_user
@@ -136,8 +146,8 @@ def build_argv(exe: str, req: pb.AskRequest) -> list[str]:
     if req.max_turns:
         argv.append(f"--max-turns={req.max_turns}")
     if req.max_budget_usd:
-        if req.max_budget_usd < 0 or req.max_budget_usd != req.max_budget_usd:
-            raise invalid("max_budget_usd must be a positive number")
+        if not (math.isfinite(req.max_budget_usd) and req.max_budget_usd > 0):
+            raise invalid(f"max_budget_usd must be a positive number, not {req.max_budget_usd}")
         argv.append(f"--max-budget-usd={req.max_budget_usd:g}")
     if req.permission_mode:
         if not _MODE_RE.match(req.permission_mode):
@@ -777,6 +787,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
     async def Ask(self, request: pb.AskRequest, context: Context) -> AsyncIterator[pb.AskEvent]:
         if not request.prompt and not (request.resume or request.continue_session):
             raise invalid("prompt is empty")
+        check_timeout(request.timeout_ms)
         user = self._user()
         exe = find_claude(self.cfg.claude_bin, user)
         if exe is None:

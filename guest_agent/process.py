@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ from cowork.agent.v1 import process_pb2_grpc as pb_grpc
 from cowork.defaults import (
     DEFAULT_TERM,
     KILL_GRACE_SECONDS,
+    MAX_MESSAGE_BYTES,
     OUTPUT_CHUNK,
     OUTPUT_QUEUE_CHUNKS,
     RUN_OUTPUT_LIMIT,
@@ -49,6 +51,7 @@ from .reaper import REAPER, Run
 from .rpc import Context, add_bytes, audit, first_message
 from .sandbox import Boxed, Launch, Sandbox, require_tool
 
+log = logging.getLogger("cowork.process")
 _SCRUBBED_ENV_PREFIXES = ("COWORK_",)
 # Once everything of a run is gone, how long an output pipe may stay open with
 # no data before the agent stops reading it (something outside the run holds
@@ -86,6 +89,17 @@ def _check_size(rows: int, cols: int) -> None:
     """A terminal size the kernel can hold (struct winsize has 16-bit fields)."""
     if rows > 0xFFFF or cols > 0xFFFF:
         raise invalid(f"terminal size {rows}x{cols} is out of range (at most 65535x65535)")
+
+
+# A wall-clock limit past a year is a mistake (e.g. seconds sent as ms * 1000), not a plan.
+MAX_TIMEOUT_MS = 366 * 24 * 3600 * 1000
+# Run returns both streams in one message: what they keep together stays under the cap.
+RUN_OUTPUT_MAX = MAX_MESSAGE_BYTES - 64 * 1024
+
+
+def check_timeout(timeout_ms: int, what: str = "timeout_ms") -> None:
+    if timeout_ms > MAX_TIMEOUT_MS:
+        raise invalid(f"{what} must be at most {MAX_TIMEOUT_MS} (366 days), not {timeout_ms}")
 
 
 def _winsize(rows: int, cols: int) -> bytes:
@@ -356,6 +370,7 @@ def spawn(
     With a `sandbox`, the caller must `await sp.activate(sandbox, grace)` before anything else.
     """
     argv = _argv(spec)
+    check_timeout(spec.timeout_ms)
     if spec.pty:
         _check_size(spec.rows, spec.cols)
     cwd = _resolve_cwd(spec, paths)
@@ -606,6 +621,11 @@ class ProcessService(pb_grpc.ProcessServicer):
                 # status (after the process is stopped) instead of being dropped.
                 refused.append(exc)
                 await sp.teardown(self.kill_grace)
+            except Exception as exc:
+                # Never a silent death: later stdin, EOF and signals would be lost.
+                log.exception("reading the Exec call's messages failed")
+                refused.append(AgentError(grpc.StatusCode.INTERNAL, f"agent error: {exc!r}"))
+                await sp.teardown(self.kill_grace)
 
         async def control() -> None:
             async for req in request_iterator:
@@ -616,7 +636,9 @@ class ProcessService(pb_grpc.ProcessServicer):
                     add_bytes("stdin_bytes", len(req.stdin))
                     try:
                         await write_all(sp.stdin_fd, req.stdin)
-                    except BrokenPipeError:
+                    except OSError:
+                        # Nobody reads it any more (EPIPE; EIO: the PTY's other side is
+                        # closed): dropped, like later writes to a closed pipe.
                         if sp.pty_master is None:
                             sp.close_stdin()
                 elif kind == "close_stdin":
@@ -688,7 +710,12 @@ class ProcessService(pb_grpc.ProcessServicer):
         spec = pb.ProcessSpec()
         spec.CopyFrom(request.spec)
         spec.pty = False
-        limit = request.output_limit or RUN_OUTPUT_LIMIT
+        if request.output_limit > RUN_OUTPUT_MAX:
+            raise invalid(
+                f"output_limit must be at most {RUN_OUTPUT_MAX} bytes (both streams come back "
+                "in one gRPC message; Exec streams any amount)"
+            )
+        limit = request.output_limit or min(RUN_OUTPUT_LIMIT, RUN_OUTPUT_MAX)
         sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin), sandbox=self.sandbox)
         await sp.activate(self.sandbox, self.kill_grace)
         buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
@@ -697,7 +724,8 @@ class ProcessService(pb_grpc.ProcessServicer):
         def collect(name: str, data: bytes) -> None:
             add_bytes(f"{name}_bytes", len(data))
             buf = buffers[name]
-            room = limit - len(buf)
+            kept = len(buffers["stdout"]) + len(buffers["stderr"])
+            room = min(limit - len(buf), RUN_OUTPUT_MAX - kept)
             if room < len(data):
                 truncated[name] = True
             if room > 0:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import queue
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cowork.agent.v1 import process_pb2, process_pb2_grpc
+from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
 from host_client import CoworkClient
 from host_client.errors import InvalidArgument, NotFound
 from host_client.models import Exited, Output, Started
@@ -297,3 +304,141 @@ def test_sigkilled_client_of_a_unary_run_leaves_no_process(agent: AgentProc) -> 
     cli.kill()
     cli.wait()
     assert wait_until(lambda: not processes_with(marker), 2.0)
+
+
+# -- control messages after `start` (process.proto, ExecRequest) ------------------------------
+class RawExec:
+    """One Exec call driven message by message through the generated stub."""
+
+    def __init__(self, agent: AgentProc, spec: process_pb2.ProcessSpec) -> None:
+        self._queue: queue.Queue[process_pb2.ExecRequest | None] = queue.Queue()
+        self._queue.put(process_pb2.ExecRequest(start=spec))
+        md = ((AUTH_METADATA_KEY, f"{AUTH_SCHEME} {agent.token}"),)
+        self._channel = grpc.insecure_channel(agent.target)
+        stub = process_pb2_grpc.ProcessStub(self._channel)
+        self.call = stub.Exec(iter(self._queue.get, None), metadata=md, timeout=30)
+        self._responses: Iterator[process_pb2.ExecResponse] = iter(self.call)
+
+    def send(self, **msg: Any) -> None:
+        self._queue.put(process_pb2.ExecRequest(**msg))
+
+    def half_close(self) -> None:
+        self._queue.put(None)
+
+    def next(self) -> process_pb2.ExecResponse:
+        return next(self._responses)
+
+    def rest(self) -> tuple[bytes, process_pb2.Exit | None]:
+        """Output and exit of the remaining responses (grpc.RpcError if the call fails)."""
+        out = b""
+        for r in self._responses:
+            out += r.stdout + r.stderr
+            if r.WhichOneof("msg") == "exit":
+                return out, r.exit
+        return out, None
+
+    def close(self) -> None:
+        self.half_close()
+        self._channel.close()
+
+
+@pytest.fixture
+def raw_exec(agent: AgentProc) -> Iterator[Callable[..., RawExec]]:
+    calls: list[RawExec] = []
+
+    def start(**spec: Any) -> RawExec:
+        call = RawExec(agent, process_pb2.ProcessSpec(**spec))
+        calls.append(call)
+        assert call.next().WhichOneof("msg") == "started"
+        return call
+
+    yield start
+    for call in calls:
+        call.close()
+
+
+@pytest.mark.parametrize(
+    "ignored",
+    [
+        {"resize": process_pb2.TerminalSize(rows=50, cols=100)},  # no PTY
+        {"close_stdin": True},  # a second time: after the one below
+        {"stdin": b"after close"},
+        process_pb2.ExecRequest(),  # no field set: a newer client's kind of message
+    ],
+    ids=["resize-without-pty", "close-stdin-again", "stdin-after-close", "empty-message"],
+)
+def test_an_ignored_control_message_leaves_the_stream_working(
+    raw_exec: Callable[..., RawExec], ignored: Any
+) -> None:
+    call = raw_exec(argv=["sh", "-c", "cat; sleep 0.2; echo end"], stdin=True)
+    call.send(stdin=b"before\n")
+    call.send(close_stdin=True)
+    if isinstance(ignored, process_pb2.ExecRequest):
+        call._queue.put(ignored)
+    else:
+        call.send(**ignored)
+    call.half_close()
+    out, exit_ = call.rest()
+    assert out == b"before\nend\n" and exit_ is not None and exit_.code == 0
+
+
+def test_stdin_without_stdin_mode_is_ignored(raw_exec: Callable[..., RawExec]) -> None:
+    call = raw_exec(argv=["sh", "-c", "cat; echo end"])  # stdin is /dev/null
+    call.send(stdin=b"dropped\n")
+    call.send(signal=signal.SIGCONT)  # a later message is still acted on
+    out, exit_ = call.rest()
+    assert out == b"end\n" and exit_ is not None and exit_.code == 0
+
+
+def test_signals_still_arrive_after_stdin_nobody_reads(
+    raw_exec: Callable[..., RawExec],
+) -> None:
+    """PTY: the process closed its terminal, so stdin goes nowhere (a write error there, on
+    kernels that give one, is dropped too); the signal after it must still arrive."""
+    script = 'trap "exit 7" INT; exec </dev/null >/dev/null 2>&1; while :; do sleep 0.05; done'
+    call = raw_exec(argv=["sh", "-c", script], pty=True)
+    time.sleep(0.3)  # the terminal is closed by now
+    call.send(stdin=b"nobody reads this\n")
+    time.sleep(0.1)
+    call.send(signal=signal.SIGINT)
+    _, exit_ = call.rest()
+    assert exit_ is not None and exit_.code == 7
+
+
+def test_a_refused_control_message_stops_the_process(raw_exec: Callable[..., RawExec]) -> None:
+    marker = f"cw-refused-{uuid.uuid4().hex}"
+    call = raw_exec(argv=["bash", "-c", f"exec -a {marker} sleep 300"], stdin=True)
+    assert wait_until(lambda: bool(processes_with(marker)), 5.0)
+    call.send(signal=0)
+    with pytest.raises(grpc.RpcError) as info:
+        call.rest()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "signal 0" in (info.value.details() or "")
+    assert wait_until(lambda: not processes_with(marker), 5.0)
+
+
+def test_a_timeout_over_366_days_is_invalid_argument(client: CoworkClient) -> None:
+    with pytest.raises(InvalidArgument, match="timeout_ms must be at most"):
+        client.run(["true"], timeout=400 * 24 * 3600)
+    with pytest.raises(InvalidArgument, match="timeout_ms must be at most"):
+        list(client.exec(["true"], timeout=400 * 24 * 3600))
+
+
+def test_run_output_limit_over_what_one_message_holds_is_invalid_argument(
+    client: CoworkClient,
+) -> None:
+    with pytest.raises(InvalidArgument, match="output_limit must be at most 4194304"):
+        client.run(["true"], output_limit=16 * 1024 * 1024)
+
+
+def test_run_output_over_one_message_comes_back_truncated(client: CoworkClient) -> None:
+    """The streams together keep what one message holds (the old 16 MiB default per stream
+    did not fit the 4 MiB message cap: RESOURCE_EXHAUSTED)."""
+    result = client.run("head -c 5000000 /dev/zero; head -c 5000000 /dev/zero >&2")
+    assert len(result.stdout) + len(result.stderr) == 4 * 1024 * 1024
+    assert result.truncated and result.exit_code == 0
+
+
+def test_run_output_under_one_message_comes_back_whole(client: CoworkClient) -> None:
+    result = client.run("head -c 3000000 /dev/zero")
+    assert len(result.stdout) == 3000000 and not result.truncated

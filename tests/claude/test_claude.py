@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import pytest
 
+from cowork.agent.v1 import claude_pb2 as pb
+from cowork.agent.v1.process_pb2 import ResourceLimits
 from host_client import AsyncCoworkClient, CoworkError
 from host_client.claude import (
     AssistantText,
@@ -38,6 +41,7 @@ from tests.claude.conftest import (
 )
 from tests.claude.fake_anthropic import ApiError, FakeAnthropic, Hang, Text
 from tests.claude.fake_anthropic import ToolUse as ToolCall
+from tests.claude.test_streams_end import ask
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -346,6 +350,33 @@ def test_bad_requests(claude_agent: ClaudeAgent) -> None:
     assert e2.value.code == "INVALID_ARGUMENT"
     assert e3.value.code == "INVALID_ARGUMENT"
     assert e4.value.code == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("req", "named"),
+    [
+        (pb.AskRequest(prompt="x", timeout_ms=400 * 24 * 3600 * 1000), "timeout_ms"),
+        (pb.AskRequest(prompt="x", max_budget_usd=float("inf")), "max_budget_usd"),
+        (pb.AskRequest(prompt="x", limits=ResourceLimits(pids=2**31)), "limits.pids"),
+        (pb.AskRequest(prompt="x", limits=ResourceLimits(cpus=float("nan"))), "limits.cpus"),
+    ],
+    ids=["timeout", "budget", "pids", "cpus"],
+)
+def test_numbers_out_of_range_are_invalid_argument(
+    claude_agent: ClaudeAgent, req: pb.AskRequest, named: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        ask(claude_agent, req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in (info.value.details() or "")
+
+
+def test_an_environment_too_big_for_the_os_is_invalid_argument(
+    claude_agent: ClaudeAgent,
+) -> None:
+    with claude_agent.client() as c, pytest.raises(CoworkError) as info:
+        c.ask_claude("x", env={"HUGE": "x" * (200 * 1024)})  # over 128 KiB in one string
+    assert info.value.code == "INVALID_ARGUMENT" and "too big for the OS" in str(info.value)
 
 
 def test_async_client(

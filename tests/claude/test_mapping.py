@@ -320,6 +320,9 @@ def test_argv_glues_values_and_keeps_prompt_out() -> None:
         pb.AskRequest(prompt="x", session_id="nope"),
         pb.AskRequest(prompt="x", permission_mode="plan --x"),
         pb.AskRequest(prompt="x", model="a\x00b"),
+        pb.AskRequest(prompt="x", max_budget_usd=float("inf")),
+        pb.AskRequest(prompt="x", max_budget_usd=float("nan")),
+        pb.AskRequest(prompt="x", max_budget_usd=-1),
     ],
 )
 def test_argv_refuses_bad_options(req: pb.AskRequest) -> None:

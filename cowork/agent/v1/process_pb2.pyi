@@ -6,7 +6,12 @@ cowork guest agent contract: running processes.
 Every process runs in its own session and process group. When its stream
 ends for any reason (exit, timeout, client cancel or disconnect) the whole
 group is sent SIGTERM, then SIGKILL after the agent's grace period, and
-reaped: nothing outlives its stream.
+reaped: nothing outlives its stream. That includes processes that left the
+group or the session (setsid, double fork): the agent finds them by its run
+cgroup, or as their child subreaper by CW_RUN_ID, an environment variable
+every process of a run inherits (not a secret). A pipe that something
+outside the run still holds open once the run's processes are gone is no
+longer read, so the stream ends anyway.
 """
 
 from collections import abc as _abc
@@ -70,12 +75,15 @@ class ProcessSpec(_message.Message):
     pty: _builtins.bool
     """Allocate a pseudo-terminal for stdin/stdout (stderr is merged into it)."""
     rows: _builtins.int
-    """Initial terminal size (defaults 24x80) and TERM (default xterm-256color)."""
+    """Initial terminal size (defaults 24x80; at most 65535 each, else
+    INVALID_ARGUMENT) and TERM (default xterm-256color).
+    """
     cols: _builtins.int
     term: _builtins.str
     timeout_ms: _builtins.int
-    """Wall-clock limit in milliseconds; 0 = none. On expiry the group is
-    killed and the exit reports timed_out.
+    """Wall-clock limit in milliseconds; 0 = none; at most 366 days, else
+    INVALID_ARGUMENT. On expiry the group is killed and the exit reports
+    timed_out.
     """
     stdin: _builtins.bool
     """Keep stdin open for ExecRequest.stdin chunks. When false the process
@@ -177,6 +185,17 @@ Global___TerminalSize: _TypeAlias = TerminalSize  # noqa: Y015
 
 @_typing.final
 class ExecRequest(_message.Message):
+    """After `start`, a message the agent cannot act on is either refused (the
+    call ends with INVALID_ARGUMENT, and the process is stopped like on any
+    other end of the stream) or ignored (the stream goes on):
+      refused: a second `start`; a signal outside 1..64; a resize over 65535
+        rows or cols; a message that does not parse.
+      ignored: stdin without start.stdin or start.pty, after close_stdin, or
+        once nobody reads it (dropped like writes to a closed pipe); close_stdin
+        again; resize without a PTY; a signal once the group is gone; a message
+        with no field set (a newer client's kind of message).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     START_FIELD_NUMBER: _builtins.int
@@ -321,8 +340,10 @@ class RunRequest(_message.Message):
     stdin: _builtins.bytes
     """Bytes fed to stdin, then EOF."""
     output_limit: _builtins.int
-    """Per-stream cap on returned output; 0 = agent default (16 MiB). Output
-    beyond it is read and discarded (the process is not blocked).
+    """Per-stream cap on returned output; 0 = the maximum, 4 MiB. Both streams
+    come back in one gRPC message, so together they keep at most 4 MiB too
+    (Exec streams any amount). Output beyond it is read and discarded (the
+    process is not blocked); the *_truncated flags say so.
     """
     @_builtins.property
     def spec(self) -> Global___ProcessSpec:

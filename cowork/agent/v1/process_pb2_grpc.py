@@ -63,7 +63,8 @@ class ProcessServicer:
 
     def Run(self, request, context):
         """Run is the buffered convenience: run to completion, return output up to
-        a cap. Same errors as Exec.
+        a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
+        over the maximum.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

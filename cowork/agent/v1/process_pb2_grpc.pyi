@@ -6,7 +6,12 @@ cowork guest agent contract: running processes.
 Every process runs in its own session and process group. When its stream
 ends for any reason (exit, timeout, client cancel or disconnect) the whole
 group is sent SIGTERM, then SIGKILL after the agent's grace period, and
-reaped: nothing outlives its stream.
+reaped: nothing outlives its stream. That includes processes that left the
+group or the session (setsid, double fork): the agent finds them by its run
+cgroup, or as their child subreaper by CW_RUN_ID, an environment variable
+every process of a run inherits (not a secret). A pipe that something
+outside the run still holds open once the run's processes are gone is no
+longer read, so the stream ends anyway.
 """
 
 from collections import abc as _abc
@@ -47,7 +52,8 @@ class ProcessStub:
     """
     Run: _grpc.UnaryUnaryMultiCallable[_process_pb2.RunRequest, _process_pb2.RunResponse]
     """Run is the buffered convenience: run to completion, return output up to
-    a cap. Same errors as Exec.
+    a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
+    over the maximum.
     """
 
 @_typing.type_check_only
@@ -63,7 +69,8 @@ class ProcessAsyncStub(ProcessStub):
     """
     Run: _aio.UnaryUnaryMultiCallable[_process_pb2.RunRequest, _process_pb2.RunResponse]  # type: ignore[assignment]
     """Run is the buffered convenience: run to completion, return output up to
-    a cap. Same errors as Exec.
+    a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
+    over the maximum.
     """
 
 class ProcessServicer(metaclass=_abc_1.ABCMeta):
@@ -88,7 +95,8 @@ class ProcessServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_process_pb2.RunResponse, _abc.Awaitable[_process_pb2.RunResponse]]:
         """Run is the buffered convenience: run to completion, return output up to
-        a cap. Same errors as Exec.
+        a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
+        over the maximum.
         """
 
 def add_ProcessServicer_to_server(servicer: ProcessServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
