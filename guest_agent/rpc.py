@@ -213,6 +213,10 @@ async def _fail(context: Context, record: dict[str, Any], t0: float, exc: BaseEx
         message = cut_text(exc.message, STATUS_MESSAGE_CHARS)
         _finish(record, t0, exc.code, message)
         await context.abort(exc.code, message)
+    if type(exc) is NotImplementedError:  # a generated servicer base: a method not written
+        message = f"{record['method']} is not implemented by this agent"
+        _finish(record, t0, grpc.StatusCode.UNIMPLEMENTED, message)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
     log.exception("unexpected error in %s", record["method"])
     mapped = status_of(exc)
     if mapped is not None:

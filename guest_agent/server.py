@@ -76,6 +76,22 @@ def bwrap_works() -> bool:
     return done.returncode == 0
 
 
+class Health(HealthServicer):  # type: ignore[misc]
+    """The standard async health servicer, plus List (grpcio's async one lacks it, so every
+    List call failed): the status of each service the agent reports on."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: object
+    ) -> health_pb2.HealthListResponse:
+        statuses = getattr(self, "_server_status", {})
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in statuses.items()
+            }
+        )
+
+
 class StartError(Exception):
     """The configuration cannot be served safely (e.g. root without --run-as); one line."""
 
@@ -139,7 +155,7 @@ class AgentServer:
             PolicyService(self.policy, self.audit_ring, self.egress_log), self.server
         )
         claude.register(self.server, cfg, self.paths, self.agent, self.sandbox)
-        self.health = HealthServicer()
+        self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [
             agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name,

@@ -55,6 +55,12 @@ def test_health_watch_logs_no_traceback(own_agent: AgentProc) -> None:
     assert _tracebacks(own_agent) == []
 
 
+def test_health_list_reports_the_serving_status(agent: AgentProc) -> None:
+    with grpc.insecure_channel(agent.target) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).List(health_pb2.HealthListRequest(), timeout=10)
+    assert resp.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+
+
 # -- malformed requests -------------------------------------------------------------------
 
 

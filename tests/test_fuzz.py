@@ -34,6 +34,7 @@ import yaml
 from google.protobuf import descriptor as gdesc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -744,11 +745,14 @@ def test_claude_version(fuzz_agent: AgentProc, channel: grpc.Channel) -> None:
 
 
 def _all_methods() -> list[tuple[str, gdesc.MethodDescriptor]]:
+    """Every method the agent serves: ours, health and reflection (but Health.Watch, whose
+    stream for a parsed request rightly never ends: test_agent_input covers it)."""
     out = []
-    for module in (agent_pb2, claude_pb2, files_pb2, policy_pb2, process_pb2):
+    modules = (agent_pb2, claude_pb2, files_pb2, policy_pb2, process_pb2, health_pb2)
+    for module in (*modules, reflection_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             out += [(f"/{service.full_name}/{m.name}", m) for m in service.methods]
-    return out
+    return [(path, m) for path, m in out if path != "/grpc.health.v1.Health/Watch"]
 
 
 # A first byte that is field 1 with wire type 7: no message parses from it. Methods that
