@@ -658,8 +658,11 @@ class EgressProxy:
             log.debug("egress connection failed", exc_info=True)
             rec.error = rec.error or _describe(exc)
         except asyncio.CancelledError:
+            # The box went away (its listener closed) or the agent stops. This is
+            # the top of a start_server connection task that nothing awaits; on
+            # Python < 3.12 re-raising makes asyncio log "Exception in callback"
+            # with a traceback for every cut connection.
             rec.error = rec.error or "cancelled"
-            raise
         finally:
             try:
                 await _close(writer)

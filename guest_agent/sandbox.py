@@ -33,7 +33,7 @@ import pwd
 import shutil
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,23 @@ class Boxed:
         self.init_pid: int | None = None  # the box's pid 1 (bwrap's reaper), host numbering
         self._command: int | None = None
         self.server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    def serving(
+        self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        """`handler`, with each connection's task remembered so that close() can end it."""
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._connections.add(task)
+            try:
+                await handler(reader, writer)
+            finally:
+                self._connections.discard(task)
+
+        return serve
 
     def command_group(self) -> int | None:
         """Host id of the command's process group inside the box, once the command exists.
@@ -214,9 +231,18 @@ class Boxed:
         return self._command
 
     def close(self) -> None:
+        """Stop the box's proxy listener and end its connections still in flight.
+
+        Closing a server leaves its accepted connections running (before Python
+        3.13); a request the box made just before it ended would otherwise hold
+        an upstream connection for as long as the origin keeps it open.
+        """
         if self.server is not None:
             self.server.close()
             self.server = None
+        for task in self._connections:
+            task.cancel()
+        self._connections.clear()
 
 
 def _setns_listener(ns_path: str) -> socket.socket:
@@ -430,7 +456,7 @@ class Sandbox:
                 return box
             if self.proxy_handler is not None:
                 lsock = _setns_listener(f"/proc/{box.init_pid}/ns/net")
-                box.server = await asyncio.start_server(self.proxy_handler, sock=lsock)
+                box.server = await asyncio.start_server(box.serving(self.proxy_handler), sock=lsock)
             try:
                 os.write(launch.block_w, b"1")
             except BrokenPipeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,3 +84,12 @@ def footprint(pid: int) -> Footprint:
         children=len(kids),
         zombies=sum(1 for _, state in kids if state == "Z"),
     )
+
+
+def sockets_of(pid: int, peer_port: int | None = None) -> list[str]:
+    """`ss` lines of the inet/unix sockets `pid` holds, optionally only those to `peer_port`."""
+    out = subprocess.run(["ss", "-anp"], capture_output=True, text=True, check=False).stdout
+    lines = [line for line in out.splitlines() if f"pid={pid}," in line]
+    if peer_port is not None:
+        lines = [line for line in lines if f":{peer_port} " in line.split("users:")[0]]
+    return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -22,6 +23,7 @@ from host_client import CoworkClient
 from host_client.errors import CoworkError, InvalidArgument
 from host_client.models import Exited, Output
 from tests.conftest import REPO, AgentProc, make_agent, processes_with, wait_until
+from tests.resources import sockets_of
 from tests.sandbox.conftest import ALLOWED, DENIED
 
 # The system interpreter: the agent's own (a venv or pyenv under /root) is out of the box's view.
@@ -238,6 +240,23 @@ def test_allowlisted_name_is_reached_through_the_proxy_and_logged(
     rec = [r for r in _net_log(vm) if r["host"] == ALLOWED and r["port"] == origin]
     assert rec and rec[-1]["allowed"] is True
     assert int(rec[-1]["bytes_down"]) > 0  # type: ignore[call-overload]
+
+
+def test_a_box_that_ends_closes_its_egress_connections_still_in_flight(
+    vm: CoworkClient, boxed: AgentProc
+) -> None:
+    """A request the box made just before it ended must not keep an upstream connection open."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = silent.getsockname()[1]
+    try:
+        r = vm.run([PY, "-c", FETCH, f"http://{ALLOWED}:{port}/never"], timeout=1.5)
+        assert r.timed_out
+        # The agent dialed the origin for the box; with the box gone, that socket goes too.
+        assert wait_until(lambda: not sockets_of(boxed.pid, port), 5), sockets_of(boxed.pid, port)
+        # Ending a connection that way is routine: no "Exception in callback" traceback.
+        assert "Traceback" not in "".join(boxed.log_lines())
+    finally:
+        silent.close()
 
 
 def test_name_not_on_the_allowlist_is_refused_and_logged(vm: CoworkClient, origin: int) -> None:

@@ -12,8 +12,8 @@ Files up/down/list/rename/remove, failed starts, the real Claude CLI (some runs
 cancelled), Policy and Logs.
 
 After the run the agent must be back at its baseline (taken after one warm-up
-round, when lazy pools exist): the same fds and sockets, no more threads, no
-children, no zombies, no temp files, RSS within a small margin. The figures
+round, when lazy pools exist): the same fds and sockets, no more threads or
+children than the guardian, no zombies, no temp files, RSS within a small margin. The figures
 per 1,000 calls go to `$COWORK_SOAK_REPORT` (JSON) when set: `make soak`
 writes bench/results/soak.json.
 
@@ -50,7 +50,7 @@ from tests.claude.conftest import (
     processes_with_env,
 )
 from tests.claude.fake_anthropic import FakeAnthropic, Hang, Text
-from tests.resources import Footprint, footprint
+from tests.resources import Footprint, footprint, sockets_of
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
 
@@ -275,7 +275,7 @@ def _settled(pid: int, baseline: Footprint, timeout: float = 20.0) -> Footprint:
         if (
             now.fds <= baseline.fds
             and now.threads <= baseline.threads
-            and now.children == 0
+            and now.children <= baseline.children
             and not processes_with_env(MARKER)
         ):
             break
@@ -342,7 +342,7 @@ def test_agent_returns_to_its_baseline_after_thousands_of_mixed_calls(
                 "sockets": round((after.sockets - baseline.sockets) * per_k, 3),
                 "threads": round((after.threads - baseline.threads) * per_k, 3),
                 "rss_kib": round((after.rss - baseline.rss) / 1024 * per_k, 1),
-                "children": round(after.children * per_k, 3),
+                "children": round((after.children - baseline.children) * per_k, 3),
                 "zombies": round(after.zombies * per_k, 3),
                 "temp_files": round((len(tmp_after) - len(tmp_before)) * per_k, 3),
             },
@@ -350,10 +350,11 @@ def test_agent_returns_to_its_baseline_after_thousands_of_mixed_calls(
         _report(mode, figures)
         print(json.dumps(figures))
         assert agent.proc.poll() is None, "the agent died"
-        assert after.fds <= baseline.fds, figures
-        assert after.sockets <= baseline.sockets, figures
+        assert after.fds <= baseline.fds, (figures, sockets_of(pid))
+        assert after.sockets <= baseline.sockets, (figures, sockets_of(pid))
         assert after.threads <= baseline.threads, figures
-        assert after.children == 0 and after.zombies == 0, figures
+        # The agent's own guardian (guest_agent/reaper.py) is its one standing child.
+        assert after.children <= baseline.children and after.zombies == 0, figures
         assert processes_with_env(MARKER) == [], "processes of finished calls are still running"
         assert tmp_after == tmp_before, figures
         assert after.rss - baseline.rss < RSS_MARGIN, figures

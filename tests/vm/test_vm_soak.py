@@ -117,7 +117,7 @@ def test_guest_agent_returns_every_cgroup_fd_and_child_after_mixed_calls(
     assert baseline["nofile"] == "16384"  # the unit's deliberate LimitNOFILE
     assert int(after["fds"]) <= int(baseline["fds"]), (baseline, after)
     assert int(after["threads"]) <= int(baseline["threads"]), (baseline, after)
-    assert int(after["descendants"]) == 0, (baseline, after)
+    assert int(after["descendants"]) <= int(baseline["descendants"]), (baseline, after)
     assert int(after["cgroups"]) <= int(baseline["cgroups"]), (baseline, after)
     assert int(after["zombies"]) == 0, (baseline, after)
     assert int(after["tmp"]) <= int(baseline["tmp"]), (baseline, after)
