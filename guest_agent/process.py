@@ -376,14 +376,18 @@ def spawn(
     cwd = _resolve_cwd(spec, paths)
     env = _environment(spec)
     exe = argv[0]
-    if "/" not in exe:
+    if sandbox is not None:
+        # Looked up as the run sees it: its PATH, its user, inside the box when there is
+        # one. Wrapped, the wrapper would be what fails to exec: say it as a direct run would.
+        if "/" not in exe:
+            exe = sandbox.which(exe, env.get("PATH", os.defpath), cwd)
+        else:
+            sandbox.check_runnable(os.path.join(cwd, exe), exe)
+    elif "/" not in exe:
         found = shutil.which(exe, path=env.get("PATH", os.defpath))
         if found is None:
             raise not_found(f"command not found: {exe}")
         exe = found
-    elif sandbox is not None and not os.path.exists(os.path.join(cwd, exe)):
-        # Wrapped, the wrapper would be what fails to exec: say it as a direct run would.
-        raise not_found(f"command not found: {exe}")
     launch: Launch | None = None
     if sandbox is not None:
         launch = sandbox.launch([exe, *argv[1:]], env, cwd, spec.pty, limits_of(spec.limits))

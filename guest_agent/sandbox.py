@@ -32,6 +32,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import Any
 import grpc
 
 from .cgroups import Cgroups, RunCgroup
-from .errors import AgentError, precondition
+from .errors import AgentError, denied, precondition
 from .policy import Limits
 
 PROXY_PORT = 3128
@@ -292,6 +293,36 @@ def _libc() -> ctypes.CDLL:
 
 
 @dataclass
+class _Layout:
+    """The box's view of the file system: tmpfs'd directories, /dev/null'd files, binds."""
+
+    emptied: list[str] = field(default_factory=list)
+    hidden_files: list[str] = field(default_factory=list)
+    binds: list[tuple[str, str]] = field(default_factory=list)  # (--bind|--ro-bind|--tmpfs, path)
+
+
+def executable_by(path: str, user: RunUser) -> bool:
+    """Whether `user` may execute the regular file `path` (root: any execute bit)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if user.uid == 0:
+        return bool(st.st_mode & 0o111)
+    if st.st_uid == user.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    try:
+        groups = os.getgrouplist(user.name, user.gid)
+    except OSError:
+        groups = [user.gid]
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+@dataclass
 class Sandbox:
     """Builds launches for one agent: identity + (optionally) bubblewrap + egress bridge."""
 
@@ -320,6 +351,67 @@ class Sandbox:
             cpus=asked.cpus or default.cpus,
         )
         return want.capped(ceiling)
+
+    def _layout(self) -> _Layout:
+        """What the box hides and what it shows again (one source for _launch and visible)."""
+        layout = _Layout(emptied=["/tmp", "/var/tmp"])
+        for path in dict.fromkeys([*ALWAYS_HIDDEN, *self.hidden]):
+            if path == "/" or _under_any(path, layout.emptied):
+                continue  # already out of sight
+            if os.path.isdir(path):
+                layout.emptied.append(path)
+            elif os.path.exists(path):
+                layout.hidden_files.append(path)
+        user = self.identity.user
+        if self.identity.mode == "user":
+            home = user.home
+            layout.binds.append(("--bind" if os.path.isdir(home) else "--tmpfs", home))
+        layout.binds += [("--bind", root) for root in self.roots]
+        layout.binds += [("--ro-bind", path) for path in self.read_only if os.path.isdir(path)]
+        return layout
+
+    def visible(self, path: str) -> bool:
+        """Whether `path` (absolute) exists as itself inside a box of the current policy."""
+        real = os.path.realpath(path)
+        if not os.path.exists(real):
+            return False
+        if self.mode() != "bwrap":
+            return True
+        layout = self._layout()
+        for how, shown in layout.binds:
+            if real == shown or real.startswith(shown.rstrip("/") + "/"):
+                return how != "--tmpfs" or real == shown
+        return real not in layout.hidden_files and not _under_any(real, layout.emptied)
+
+    def which(self, name: str, path_var: str, cwd: str) -> str:
+        """Where a run finds command `name` (no slash): the process's PATH, searched as the
+        run's user would, in the box when there is one; NOT_FOUND or PERMISSION_DENIED.
+
+        The agent's own view is not the run's: a directory the box hides, or a file
+        the run's user may not execute, would fail only after the wrapper started.
+        """
+        blocked = ""
+        for entry in path_var.split(os.pathsep):
+            candidate = os.path.join(cwd, entry or ".", name)  # relative entries: to cwd
+            if not os.path.isfile(candidate) or not self.visible(candidate):
+                continue
+            if not executable_by(candidate, self.identity.user):
+                blocked = blocked or candidate
+                continue
+            return candidate
+        if blocked:
+            raise denied(
+                f"permission denied: {name} ({blocked} is not executable by "
+                f"{self.identity.user.name})"
+            )
+        raise AgentError(grpc.StatusCode.NOT_FOUND, f"command not found: {name}")
+
+    def check_runnable(self, path: str, name: str) -> None:
+        """A command given with a slash: there for the run, and executable by its user."""
+        if not self.visible(path):
+            raise AgentError(grpc.StatusCode.NOT_FOUND, f"command not found: {name}")
+        if not executable_by(path, self.identity.user):
+            raise denied(f"permission denied: {name} (not executable by {self.identity.user.name})")
 
     def launch(
         self,
@@ -390,22 +482,15 @@ class Sandbox:
             "--tmpfs",
             "/var/tmp",
         ]
+        layout = self._layout()
         emptied = ["/tmp", "/var/tmp"]  # directories the box sees as fresh tmpfs
-        for path in dict.fromkeys([*ALWAYS_HIDDEN, *self.hidden]):
-            if path == "/" or _under_any(path, emptied):
-                continue  # already out of sight
-            if os.path.isdir(path):
-                box += ["--tmpfs", path]
-                emptied.append(path)
-            elif os.path.exists(path):
-                box += ["--ro-bind", "/dev/null", path]
+        for path in layout.emptied[len(emptied) :]:
+            box += ["--tmpfs", path]
+            emptied.append(path)
+        for path in layout.hidden_files:
+            box += ["--ro-bind", "/dev/null", path]
         made: set[str] = set()
-        binds: list[tuple[str, str]] = []
-        if self.identity.mode == "user":
-            binds.append(("--bind" if os.path.isdir(user.home) else "--tmpfs", user.home))
-        binds += [("--bind", root) for root in self.roots]
-        binds += [("--ro-bind", path) for path in self.read_only if os.path.isdir(path)]
-        for how, path in binds:
+        for how, path in layout.binds:
             # Parents created inside a tmpfs must be traversable by the user.
             for parent in _ancestors(path):
                 if parent not in made and _under_any(parent, emptied):

@@ -243,7 +243,8 @@ def test_a_restarted_agent_kills_unmarked_orphans_it_had_recorded(
     with fresh_agent.client() as c:
         events = iter(c.exec(["sh", "-c", f"{line} echo up; exec sleep 300"]))
         assert isinstance(next(events), Started) and isinstance(next(events), Output)
-        assert wait_until(lambda: bool(processes_with(marker)), 5.0)
+        # One process once bash has exec'd sleep (until then its command line names it too).
+        assert wait_until(lambda: len(processes_with(marker)) == 1, 5.0)
         (orphan,) = processes_with(marker)
         assert wait_until(
             lambda: orphan in [p for p, _ in json.loads(state.read_text())["unmarked"]], 5.0
