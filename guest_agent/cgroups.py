@@ -178,6 +178,11 @@ class Cgroups:
             )
             runs = os.path.join(base, "runs")
             os.makedirs(runs, exist_ok=True)
+            # Run cgroups of a previous life of this agent (it died without removing
+            # them): whatever is still in them is a leftover; then the directory goes.
+            for name in os.listdir(runs):
+                if name.startswith("run-"):
+                    RunCgroup(os.path.join(runs, name)).remove()
             _write(
                 os.path.join(runs, "cgroup.subtree_control"), " ".join(f"+{c}" for c in CONTROLLERS)
             )
