@@ -49,10 +49,21 @@ _audit: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
 
 
 def audit(**fields: Any) -> None:
-    """Attach fields (argv, path, exit, bytes, ...) to the current RPC's audit line."""
+    """Attach fields (argv, path, exit, bytes, ...) to the current RPC's audit line.
+
+    Values are cut to their audit size here, not when the line is written: the
+    record lives in the call's context, and asyncio keeps a context alive as
+    long as any timer the call scheduled (cancelled ones included) sits in the
+    loop's queue, so a raw 1 MB argv would stay pinned after the call.
+    """
     record = _audit.get()
-    if record is not None:
-        record.update(fields)
+    if record is None:
+        return
+    for key, value in fields.items():
+        short, cut = _bounded(value, AUDIT_RECORD_CHARS)
+        record[key] = short
+        if cut:
+            record.setdefault("truncated", []).append(key)
 
 
 def add_bytes(key: str, n: int) -> None:
@@ -141,11 +152,13 @@ def bound_record(record: dict[str, Any]) -> dict[str, Any]:
     """The audit record with every value bounded; `truncated` names the fields that were cut."""
     budget = AUDIT_RECORD_CHARS
     out: dict[str, Any] = {}
-    cut_fields: list[str] = []
+    cut_fields: list[str] = list(record.get("truncated", ()))
     for key, value in record.items():
+        if key == "truncated":
+            continue
         short, cut = _bounded(value, max(budget, 64))
         budget -= len(str(short))
-        if cut:
+        if cut and key not in cut_fields:
             cut_fields.append(key)
         out[key] = short
     if cut_fields:
