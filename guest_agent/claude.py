@@ -12,16 +12,19 @@ How a run works:
 - Every stdout line is one stream-json object; `map_line` turns it into typed
   events (unknown line types become RawEvent: a newer CLI never loses data).
   stderr lines become LogEvents, and the last ones are kept for the error
-  report.
+  report. Whatever a line holds, each event fits one gRPC message (fit_event:
+  long texts split, other fields cut and flagged) and a line that cannot be
+  mapped becomes a LogEvent: the reader never stops, so the stream ends.
 - The CLI's `result` line is held until the process has exited so the
   ResultEvent carries the exit code; failure is judged on both signals (the
   CLI's is_error and a non-zero exit). An exit without a result yields a
   terminal ErrorEvent with the exit code and the stderr tail.
-- Cancel (client cancel/disconnect) and timeout interrupt the run: SIGINT to
-  the process group, then SIGTERM, then SIGKILL, each after a grace period;
-  then whatever is left in the run's session (background jobs that made their
-  own process group) is killed too, before the CLI is reaped. Nothing
-  outlives the RPC.
+- Cancel (client cancel/disconnect), timeout and agent shutdown interrupt the
+  run: SIGINT to the process group, then SIGTERM, then SIGKILL, each after a
+  grace period; then the CLI is reaped and whatever the run left, in its
+  group or not (setsid, double forks), is stopped (Spawned.teardown and
+  reaper.py). Nothing outlives the RPC, and a pipe only something outside the
+  run still holds is no longer read.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Design notes (why it looks like this):
   stays a zombie until we reap it, which keeps its pid/pgid from being reused
   while we signal the group.
 - Teardown always signals the whole process group: background children of a
-  finished command do not outlive the RPC.
+  finished command do not outlive the RPC. What left the group or the session
+  is found by the reaper (reaper.py: run cgroup, or subreaper + CW_RUN_ID) and
+  stopped with it; a pipe then held only from outside the run is no longer read.
 """
 
 from __future__ import annotations
