@@ -313,6 +313,11 @@ class Reaper:
         deadline = time.monotonic() + grace
         while (pids or in_group) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+            # What died is now a zombie the agent adopted (the run's own parent
+            # is gone), and a group with only zombies in it still answers
+            # kill(0): reap them, or every run that left a background child
+            # would wait out the whole grace period.
+            self.sweep(kill=False)
             pids = find()
             in_group = grouped()
         if in_group and group is not None:
