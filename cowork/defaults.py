@@ -38,7 +38,9 @@ LIMA_TOKEN_NAME = "cowork-token"  # under the Lima instance dir, 0600
 KILL_GRACE_SECONDS = 1.0
 OUTPUT_CHUNK = 64 * 1024
 OUTPUT_QUEUE_CHUNKS = 16
-RUN_OUTPUT_LIMIT = 16 * 1024 * 1024
+# Process.Run answers both streams in one gRPC message: together they keep at
+# most this much (the message cap less room for the rest). Exec streams any amount.
+RUN_OUTPUT_LIMIT = 4 * 1024 * 1024
 DEFAULT_TERM = "xterm-256color"
 
 # Files.

@@ -40,7 +40,6 @@ from cowork.agent.v1 import process_pb2_grpc as pb_grpc
 from cowork.defaults import (
     DEFAULT_TERM,
     KILL_GRACE_SECONDS,
-    MAX_MESSAGE_BYTES,
     OUTPUT_CHUNK,
     OUTPUT_QUEUE_CHUNKS,
     RUN_OUTPUT_LIMIT,
@@ -95,8 +94,6 @@ def _check_size(rows: int, cols: int) -> None:
 
 # A wall-clock limit past a year is a mistake (e.g. seconds sent as ms * 1000), not a plan.
 MAX_TIMEOUT_MS = 366 * 24 * 3600 * 1000
-# Run returns both streams in one message: what they keep together stays under the cap.
-RUN_OUTPUT_MAX = MAX_MESSAGE_BYTES - 64 * 1024
 
 
 def check_timeout(timeout_ms: int, what: str = "timeout_ms") -> None:
@@ -716,12 +713,12 @@ class ProcessService(pb_grpc.ProcessServicer):
         spec = pb.ProcessSpec()
         spec.CopyFrom(request.spec)
         spec.pty = False
-        if request.output_limit > RUN_OUTPUT_MAX:
+        if request.output_limit > RUN_OUTPUT_LIMIT:
             raise invalid(
-                f"output_limit must be at most {RUN_OUTPUT_MAX} bytes (both streams come back "
+                f"output_limit must be at most {RUN_OUTPUT_LIMIT} bytes (both streams come back "
                 "in one gRPC message; Exec streams any amount)"
             )
-        limit = request.output_limit or min(RUN_OUTPUT_LIMIT, RUN_OUTPUT_MAX)
+        limit = request.output_limit or RUN_OUTPUT_LIMIT
         sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin), sandbox=self.sandbox)
         await sp.activate(self.sandbox, self.kill_grace)
         buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
@@ -731,7 +728,7 @@ class ProcessService(pb_grpc.ProcessServicer):
             add_bytes(f"{name}_bytes", len(data))
             buf = buffers[name]
             kept = len(buffers["stdout"]) + len(buffers["stderr"])
-            room = min(limit - len(buf), RUN_OUTPUT_MAX - kept)
+            room = min(limit - len(buf), RUN_OUTPUT_LIMIT - kept)
             if room < len(data):
                 truncated[name] = True
             if room > 0:
