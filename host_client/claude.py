@@ -54,6 +54,7 @@ class ClaudeInit(_Event):
     permission_mode: str
     api_key_source: str = ""
     user: str = ""
+    truncated: bool = False  # a field was cut to the agent's size limits
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class AssistantText(_Event):
     partial: bool = False
     message_id: str = ""
     parent_tool_use_id: str = ""
+    # The next AssistantText continues this same text (a text too large for one
+    # message arrives in parts: join them with "").
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ class ClaudeResult(_Event):
     terminal_reason: str = ""
     errors: list[str] = field(default_factory=list)
     signal: int = 0
+    # `result` was cut to fit one message; the whole answer came as AssistantText parts
+    # (summarize() and `coworkctl ask` use those).
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ class ClaudeLog(_Event):
     kind = "log"
     line: str
     stream: str = "stderr"
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,10 +199,11 @@ def event_from_pb(ev: pb.AskEvent) -> ClaudeEvent:
             i.permission_mode,
             i.api_key_source,
             i.user,
+            i.truncated,
         )
     if kind == "assistant_text":
         a = ev.assistant_text
-        return AssistantText(a.text, a.partial, a.message_id, a.parent_tool_use_id)
+        return AssistantText(a.text, a.partial, a.message_id, a.parent_tool_use_id, a.more)
     if kind == "tool_use":
         t = ev.tool_use
         return ToolUse(t.id, t.name, t.input_json, t.parent_tool_use_id, t.truncated)
@@ -233,11 +242,12 @@ def event_from_pb(ev: pb.AskEvent) -> ClaudeEvent:
             terminal_reason=s.terminal_reason,
             errors=list(s.errors),
             signal=s.signal,
+            truncated=s.truncated,
         )
     if kind == "raw":
         return RawEvent(ev.raw.type, ev.raw.json, ev.raw.truncated)
     if kind == "log":
-        return ClaudeLog(ev.log.line, ev.log.stream or "stderr")
+        return ClaudeLog(ev.log.line, ev.log.stream or "stderr", ev.log.truncated)
     if kind == "error":
         e = ev.error
         return ClaudeError(
@@ -339,7 +349,7 @@ def summarize(events: Sequence[ClaudeEvent]) -> ClaudeExecutionResult:
         ok = not result.is_error
         error = "" if ok else (result.result or "; ".join(result.errors) or result.subtype)
         return ClaudeExecutionResult(
-            output=result.result,
+            output=last_answer(events) if result.truncated else result.result,
             error=error,
             exit_code=0 if ok else 1,
             signal=result.signal,
@@ -370,6 +380,18 @@ def summarize(events: Sequence[ClaudeEvent]) -> ClaudeExecutionResult:
         session_id=session,
         events=list(events),
     )
+
+
+def last_answer(events: Sequence[ClaudeEvent]) -> str:
+    """The whole text of the run's last top-level assistant message (its parts joined)."""
+    parts: list[str] = []
+    current = None
+    for e in events:
+        if isinstance(e, AssistantText) and not e.partial and not e.parent_tool_use_id:
+            if e.message_id != current:
+                current, parts = e.message_id, []
+            parts.append(e.text)
+    return "".join(parts)
 
 
 def text_of(events: Sequence[ClaudeEvent]) -> str:

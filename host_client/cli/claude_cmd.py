@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .common import CliError, fail, make_client, print_json
 
 if TYPE_CHECKING:
-    from ..claude import AskStream, ClaudeEvent
+    from ..claude import AskStream, AssistantText, ClaudeEvent
 
 ASK_HELP = """\
 Ask Claude Code (running inside the sandbox) to do something, and watch it work.
@@ -246,6 +246,7 @@ class Renderer:
         self._at_line_start = True
         self._printed_text = False
         self._started = time.monotonic()
+        self._texts: list[AssistantText] = []  # complete text events, for a cut result
 
     # styling (TTY only)
     def _style(self, text: str, code: str) -> str:
@@ -279,6 +280,7 @@ class Renderer:
             ClaudeResult,
             ToolResult,
             ToolUse,
+            last_answer,
         )
 
         if self.json_lines:
@@ -291,6 +293,8 @@ class Renderer:
                     self._style(f"● claude {ev.claude_version} · {ev.model} · {where}", "2")
                 )
         elif isinstance(ev, AssistantText):
+            if not ev.partial:
+                self._texts.append(ev)
             if not self.tty or ev.parent_tool_use_id:
                 return  # pipes get the final answer only; subagent text stays inside
             if ev.partial:
@@ -303,7 +307,8 @@ class Renderer:
                 if not self._at_line_start:
                     self._text("\n")
             else:
-                self._text(ev.text if ev.text.endswith("\n") else ev.text + "\n")
+                end = ev.more or ev.text.endswith("\n")  # parts of one text: no break between
+                self._text(ev.text if end else ev.text + "\n")
         elif isinstance(ev, ToolUse):
             indent = "  " if ev.parent_tool_use_id else ""
             line = tool_summary(ev.name, ev.input_json, self.width - 4 - len(indent))
@@ -323,7 +328,9 @@ class Renderer:
                 why = ev.result or "; ".join(ev.errors) or ev.subtype
                 self._error(f"error: {why}")
             elif not self.tty:
-                self.out.write(ev.result if ev.result.endswith("\n") else ev.result + "\n")
+                # A result too large for one message came cut; its parts came whole.
+                answer = last_answer(self._texts) if ev.truncated else ev.result
+                self.out.write(answer if answer.endswith("\n") else answer + "\n")
                 self.out.flush()
             status = "failed" if ev.is_error else "done"
             # An API error ends with subtype "success" and is_error; say what ended it.

@@ -263,3 +263,31 @@ def processes_with_env(entry: str) -> list[int]:
 
 def run_marker(run_env: dict[str, str]) -> str:
     return f"COWORK_TEST_RUN={run_env['COWORK_TEST_RUN']}"
+
+
+def coworkctl(
+    agent: ClaudeAgent, args: list[str], env: dict[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`coworkctl ARGS[0] --env=... ARGS[1:]` against `agent`, the fake model's key and URL in
+    its environment."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "COWORK_"))}
+    full_env.update(
+        ANTHROPIC_API_KEY=env["ANTHROPIC_API_KEY"], ANTHROPIC_BASE_URL=env["ANTHROPIC_BASE_URL"]
+    )
+    extra = [f"--env=CLAUDE_CODE_MAX_RETRIES={env['CLAUDE_CODE_MAX_RETRIES']}"]
+    extra.append(f"--env=COWORK_TEST_RUN={env['COWORK_TEST_RUN']}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "host_client.cli",
+        "--target",
+        agent.target,
+        "--token-file",
+        str(agent.token_file),
+        *args[:1],
+        *extra,
+        *args[1:],
+    ]
+    return subprocess.run(
+        cmd, input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO, env=full_env
+    )

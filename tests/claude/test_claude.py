@@ -36,6 +36,7 @@ from tests.claude.conftest import (
     FAKE_KEY,
     REPO,
     ClaudeAgent,
+    coworkctl,
     processes_with_env,
     run_marker,
 )
@@ -412,32 +413,6 @@ def test_root_without_run_as_bypass_sets_is_sandbox(
 
 
 # -- coworkctl ask ------------------------------------------------------------------------
-def coworkctl(
-    agent: ClaudeAgent, args: list[str], env: dict[str, str], stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "COWORK_"))}
-    full_env.update(
-        ANTHROPIC_API_KEY=env["ANTHROPIC_API_KEY"], ANTHROPIC_BASE_URL=env["ANTHROPIC_BASE_URL"]
-    )
-    extra = [f"--env=CLAUDE_CODE_MAX_RETRIES={env['CLAUDE_CODE_MAX_RETRIES']}"]
-    extra.append(f"--env=COWORK_TEST_RUN={env['COWORK_TEST_RUN']}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "host_client.cli",
-        "--target",
-        agent.target,
-        "--token-file",
-        str(agent.token_file),
-        *args[:1],
-        *extra,
-        *args[1:],
-    ]
-    return subprocess.run(
-        cmd, input=stdin, capture_output=True, text=True, timeout=60, cwd=REPO, env=full_env
-    )
-
-
 def test_coworkctl_ask_on_a_pipe(
     claude_agent: ClaudeAgent, api: FakeAnthropic, run_env: dict[str, str]
 ) -> None:

@@ -29,6 +29,7 @@ from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
 from host_client.claude import ClaudeError, ClaudeInit
 from tests.claude.conftest import (
     ClaudeAgent,
+    coworkctl,
     make_claude_agent,
     processes_with_env,
     run_marker,
@@ -87,6 +88,22 @@ def test_a_5_mb_answer_arrives_whole_in_pieces_and_the_run_ends_with_its_result(
     assert result.subtype == "success" and not result.is_error
     assert result.truncated and answer.startswith(result.result)
     assert all(e.ByteSize() < 4 * 1024 * 1024 for e in events)
+
+
+def test_the_library_and_coworkctl_ask_give_a_5_mb_answer_whole(
+    claude_agent: ClaudeAgent, api: FakeAnthropic, run_env: dict[str, str]
+) -> None:
+    """The result field comes cut; the clients rebuild the answer from its parts."""
+    answer = "".join(f"{i:07d} é\n" for i in range(500_000))
+    api.script(Text(answer, chunks=5))
+    with claude_agent.client() as c:
+        r = c.ask_claude("Say a lot.", env=run_env)
+    assert r.exit_code == 0 and r.result is not None and r.result.truncated
+    assert r.output == answer
+    api.script(Text(answer, chunks=5))
+    cli = coworkctl(claude_agent, ["ask", "Say a lot."], run_env)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == answer
 
 
 def test_a_5_mb_partial_delta_is_split_too(
