@@ -281,6 +281,45 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+class _Call:
+    """One RPC's frame around its handler: the token check, the audit record, the status.
+
+    Every handler shape (unary, a generator that yields, a coroutine that writes)
+    runs its body inside `async with _Call(...)`, so each call gets exactly one
+    audit line and one mapping of errors to a status, whichever way it ends.
+    """
+
+    def __init__(self, method: str, context: Context, authed: bool) -> None:
+        self.method = method
+        self.context = context
+        self.authed = authed
+
+    async def __aenter__(self) -> _Call:
+        self.t0 = time.perf_counter()
+        self.record, self.tok = _start(self.method, self.context)
+        if not self.authed:
+            try:
+                await _refuse(self.context, self.record, self.t0)
+            finally:
+                _restore(self.tok)
+        return self
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            if exc is None or isinstance(exc, grpc.aio.AbortError):
+                status = _code_of(self.context)
+            elif not isinstance(exc, Exception):  # CancelledError: the client went away
+                status = grpc.StatusCode.CANCELLED
+            else:
+                await _fail(self.context, self.record, self.t0, exc)  # aborts: raises
+                return False
+            if "code" not in self.record:
+                _finish(self.record, self.t0, status)
+            return False
+        finally:
+            _restore(self.tok)
+
+
 def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
     """Return a handler of the same shape whose behavior runs inside auth/audit/error handling."""
     streams_in = handler.stream_unary is not None or handler.stream_stream is not None
@@ -297,21 +336,8 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
         inner_u: Any = handler.unary_unary or handler.stream_unary
 
         async def unary(request: Any, context: Context) -> Any:
-            t0 = time.perf_counter()
-            record, tok = _start(method, context)
-            try:
-                if not authed:
-                    await _refuse(context, record, t0)
-                try:
-                    response = await inner_u(checked(request), context)
-                except (AgentError, Exception) as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        raise
-                    await _fail(context, record, t0, exc)
-                _finish(record, t0, _code_of(context))
-                return response
-            finally:
-                _restore(tok)
+            async with _Call(method, context, authed):
+                return await inner_u(checked(request), context)
 
         factory = (
             grpc.unary_unary_rpc_method_handler
@@ -336,26 +362,8 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
         # standard Health.Watch does): it must stay a coroutine, since grpc
         # refuses to mix write() with yield in one call.
         async def writing(request: Any, context: Context) -> None:
-            t0 = time.perf_counter()
-            record, tok = _start(method, context)
-            status = grpc.StatusCode.OK
-            try:
-                if not authed:
-                    await _refuse(context, record, t0)
-                try:
-                    await inner_s(checked(request), context)
-                except grpc.aio.AbortError:
-                    raise
-                except BaseException as exc:
-                    if not isinstance(exc, Exception):  # CancelledError: client went away
-                        status = grpc.StatusCode.CANCELLED
-                        raise
-                    await _fail(context, record, t0, exc)
-                status = _code_of(context)
-            finally:
-                if "code" not in record:
-                    _finish(record, t0, status)
-                _restore(tok)
+            async with _Call(method, context, authed):
+                await inner_s(checked(request), context)
 
         return factory_s(
             writing,
@@ -364,27 +372,9 @@ def _wrap(handler: Handler, method: str, authed: bool) -> Handler:
         )
 
     async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-        t0 = time.perf_counter()
-        record, tok = _start(method, context)
-        status = grpc.StatusCode.OK
-        try:
-            if not authed:
-                await _refuse(context, record, t0)
-            try:
-                async for item in inner_s(checked(request), context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except BaseException as exc:
-                if not isinstance(exc, Exception):  # CancelledError: client went away
-                    status = grpc.StatusCode.CANCELLED
-                    raise
-                await _fail(context, record, t0, exc)
-            status = _code_of(context)
-        finally:
-            if "code" not in record:
-                _finish(record, t0, status)
-            _restore(tok)
+        async with _Call(method, context, authed):
+            async for item in inner_s(checked(request), context):
+                yield item
 
     return factory_s(
         streaming,
