@@ -55,6 +55,11 @@ AUDIT_VALUE_CHARS = 1024
 AUDIT_RECORD_CHARS = 8192
 STATUS_MESSAGE_CHARS = 2048
 
+# Log files the agent writes (the audit log with --log-file, the egress log) roll
+# over at this size, keeping one older file: sandboxed code can make the agent log
+# at will (every refused connection is a line), and must not fill the disk.
+LOG_FILE_MAX_BYTES = 16 * 1024 * 1024
+
 # gRPC message cap: a chunk plus framing, with room to spare.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 

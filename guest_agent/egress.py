@@ -47,6 +47,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cowork.defaults import LOG_FILE_MAX_BYTES
+
 log = logging.getLogger("cowork.agent.egress")
 
 CHUNK = 64 * 1024  # bytes per read when relaying
@@ -315,7 +317,8 @@ class EgressLog:
     Call :meth:`add` from the event loop's thread (followers are woken through
     asyncio events). The file is opened per record in append mode so that log
     rotation needs no signal, and created 0600: host names a sandboxed process
-    tried to reach are the operator's business only.
+    tried to reach are the operator's business only. It rolls over to `PATH.1` at
+    `max_bytes`: the box decides how many attempts it makes, not how much disk.
     """
 
     def __init__(
@@ -324,8 +327,10 @@ class EgressLog:
         *,
         capacity: int = LOG_CAPACITY,
         subscriber_queue: int = SUBSCRIBER_QUEUE,
+        max_bytes: int = LOG_FILE_MAX_BYTES,
     ) -> None:
         self.path = os.fspath(path) if path is not None else None
+        self.max_bytes = max_bytes
         self._ring: collections.deque[EgressRecord] = collections.deque(maxlen=capacity)
         self._subscriber_queue = subscriber_queue
         self._subs: weakref.WeakSet[EgressSubscription] = weakref.WeakSet()
@@ -374,8 +379,11 @@ class EgressLog:
             try:
                 # One write per line on an O_APPEND file: lines never interleave.
                 os.write(fd, line)
+                full = os.fstat(fd).st_size >= self.max_bytes
             finally:
                 os.close(fd)
+            if full:  # keep one older file: the log is bounded at twice max_bytes
+                os.replace(self.path, self.path + ".1")
             self._file_failed = False
         except OSError as exc:
             if not self._file_failed:  # say it once per outage, not per record

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from typing import Any
+
+from cowork.defaults import LOG_FILE_MAX_BYTES
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,9 +40,16 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def setup(fmt: str, level: str, path: str | None) -> None:
+def setup(fmt: str, level: str, path: str | None, max_bytes: int = LOG_FILE_MAX_BYTES) -> None:
+    """Log to `path` (rolled over at `max_bytes`, one older file kept) or to stderr.
+
+    Under systemd stderr goes to the journal, which bounds itself; a file (the
+    local agent's) must be bounded here, since every RPC adds a line for weeks.
+    """
     handler: logging.Handler = (
-        logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+        logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=1)
+        if path
+        else logging.StreamHandler(sys.stderr)
     )
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
+from guest_agent import logs
 from host_client import CoworkClient
 from host_client.errors import NotFound
 
@@ -68,3 +71,20 @@ def test_agent_memory_stays_flat_over_hundreds_of_1mb_argv_calls(own_agent: Agen
 def test_client_still_sees_full_output_when_the_audit_is_cut(client: CoworkClient) -> None:
     r = client.run(["printf", "%s", "b" * 50_000])
     assert r.stdout == b"b" * 50_000
+
+
+def test_the_agent_log_file_rolls_over_at_its_cap(tmp_path: Path) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    path = tmp_path / "agent.log"
+    try:
+        logs.setup("json", "info", str(path), max_bytes=4000)
+        for i in range(400):
+            logging.getLogger("cowork.audit").info("rpc", extra={"audit": {"n": i}})
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert path.stat().st_size <= 4000
+    assert (tmp_path / "agent.log.1").stat().st_size <= 4000
+    assert json.loads(path.read_text().splitlines()[-1])["n"] == 399

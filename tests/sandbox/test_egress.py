@@ -389,6 +389,18 @@ def test_recent_is_a_bounded_ring_oldest_first() -> None:
     assert log.recent(0) == []
 
 
+def test_log_file_rolls_over_so_the_box_cannot_fill_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "egress.jsonl"
+    log = EgressLog(path, max_bytes=2000)
+    for i in range(500):  # ~100 KB of refused attempts
+        log.add(record(f"h{i}.test"))
+    older = path.with_name("egress.jsonl.1")
+    assert older.exists() and path.stat().st_size <= 2000 + 400
+    assert older.stat().st_size <= 2000 + 400
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert last["host"] == "h499.test"  # the newest records are always in the live file
+
+
 def test_slow_subscriber_loses_the_oldest_records_not_memory() -> None:
     async def main() -> None:
         log = EgressLog(subscriber_queue=3)
