@@ -93,3 +93,17 @@ def sockets_of(pid: int, peer_port: int | None = None) -> list[str]:
     if peer_port is not None:
         lines = [line for line in lines if f":{peer_port} " in line.split("users:")[0]]
     return lines
+
+
+def zombies(pid: int) -> list[str]:
+    """Zombie descendants of `pid` as "pid (comm) of ppid" (for a failure message)."""
+    out = []
+    for child, state in descendants(pid):
+        if state == "Z":
+            fields = _stat_fields(child)
+            try:
+                comm = Path(f"/proc/{child}/comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            out.append(f"{child} ({comm}) of {fields[1] if fields else '?'}")
+    return out

@@ -50,7 +50,7 @@ from tests.claude.conftest import (
     processes_with_env,
 )
 from tests.claude.fake_anthropic import FakeAnthropic, Hang, Text
-from tests.resources import Footprint, footprint, sockets_of
+from tests.resources import Footprint, footprint, sockets_of, zombies
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
 
@@ -276,6 +276,7 @@ def _settled(pid: int, baseline: Footprint, timeout: float = 20.0) -> Footprint:
             now.fds <= baseline.fds
             and now.threads <= baseline.threads
             and now.children <= baseline.children
+            and now.zombies == 0
             and not processes_with_env(MARKER)
         ):
             break
@@ -354,7 +355,7 @@ def test_agent_returns_to_its_baseline_after_thousands_of_mixed_calls(
         assert after.sockets <= baseline.sockets, (figures, sockets_of(pid))
         assert after.threads <= baseline.threads, figures
         # The agent's own guardian (guest_agent/reaper.py) is its one standing child.
-        assert after.children <= baseline.children and after.zombies == 0, figures
+        assert after.children <= baseline.children and after.zombies == 0, (figures, zombies(pid))
         assert processes_with_env(MARKER) == [], "processes of finished calls are still running"
         assert tmp_after == tmp_before, figures
         assert after.rss - baseline.rss < RSS_MARGIN, figures
