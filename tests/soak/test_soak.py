@@ -247,9 +247,13 @@ class Workload:
 
     # -- policy, logs -------------------------------------------------------
     def policy(self, i: int) -> int:
+        # Set persists the policy (temp file + rename) each time; the same rule again
+        # must not grow it.
+        policy = self.c.set_policy(allow=API_NAME)
+        assert policy["effective_allow"].count(API_NAME) == 1, policy
         assert self.c.get_policy()
         assert list(self.c.logs(tail=3))
-        return 2
+        return 3
 
     # -- Claude (the real CLI) ----------------------------------------------
     def claude(self, i: int) -> int:
