@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from host_client import CoworkClient
+from host_client.errors import InvalidArgument
 from tests.vm.conftest import record
 from tests.vm.harness import VM
 
@@ -103,7 +106,10 @@ def test_guest_limits_default_and_are_capped_by_the_policy_maximum(
 ) -> None:
     assert _limit_of_a_running_exec(vm, vclient) == "4096"  # the provisioned default
     # Asking for more than the policy's max gets the max.
-    assert _limit_of_a_running_exec(vm, vclient, pids=10_000_000) == "16384"
+    assert _limit_of_a_running_exec(vm, vclient, pids=1_000_000) == "16384"
+    # More than the kernel can ever take is a mistake, and is said so.
+    with pytest.raises(InvalidArgument, match="at most 4194304"):
+        vclient.run(["true"], limits={"pids": 10_000_000})
     assert _limit_of_a_running_exec(vm, vclient, pids=100) == "100"
 
 

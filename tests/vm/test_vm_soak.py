@@ -48,7 +48,7 @@ print(json.dumps({{
     "threads": len(os.listdir(f"/proc/{{pid}}/task")),
     "descendants": sum(1 for p in parent if under(p)),
     "cgroups": sum(len(dirs) for _, dirs, _ in os.walk("{UNIT_CGROUP}")),
-    "zombies": sum(1 for s in state.values() if s == "Z"),
+    "zombies": sum(1 for p, s in state.items() if s == "Z" and under(p)),
     "tmp": len(glob.glob("/tmp/*cowork*") + glob.glob("/var/tmp/*cowork*")),
     "nofile": nofile[0],
 }}))
@@ -66,7 +66,8 @@ def _settled(vm: VM, baseline: dict[str, int | str], timeout: float = 30) -> dic
     deadline = time.monotonic() + timeout
     now = _probe(vm)
     while time.monotonic() < deadline:
-        if all(int(now[k]) <= int(baseline[k]) for k in ("fds", "cgroups", "descendants")):
+        keys = ("fds", "cgroups", "descendants")
+        if all(int(now[k]) <= int(baseline[k]) for k in keys) and now["zombies"] == 0:
             break
         time.sleep(1)
         now = _probe(vm)
