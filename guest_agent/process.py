@@ -559,6 +559,9 @@ async def drain(readers: asyncio.Future[Any], watch: PipeWatch, seconds: float) 
     while not readers.done():
         if watch.stuck(seconds):
             readers.cancel()
+            # A cancelled gather is done only once its children have unwound: callers
+            # read its outcome next (Run's result() raised InvalidStateError under load).
+            await asyncio.wait([readers])
             return
         await asyncio.wait([readers], timeout=0.05)
 
