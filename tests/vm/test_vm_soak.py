@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -51,18 +52,20 @@ print(json.dumps({{
     "zombies": sum(1 for p, s in state.items() if s == "Z" and under(p)),
     "tmp": len(glob.glob("/tmp/*cowork*") + glob.glob("/var/tmp/*cowork*")),
     "nofile": nofile[0],
+    "zombie_info": [
+        f"{{p}} ({{open(f'/proc/{{p}}/comm').read().strip()}}) of {{parent[p]}}"
+        for p, s in state.items() if s == "Z" and under(p)
+    ],
 }}))
 """
 
 
-def _probe(vm: VM) -> dict[str, int | str]:
-    out: dict[str, int | str] = json.loads(
-        vm.ssh("python3 -", stdin=PROBE.encode()).stdout.decode()
-    )
+def _probe(vm: VM) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(vm.ssh("python3 -", stdin=PROBE.encode()).stdout.decode())
     return out
 
 
-def _settled(vm: VM, baseline: dict[str, int | str], timeout: float = 30) -> dict[str, int | str]:
+def _settled(vm: VM, baseline: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     now = _probe(vm)
     while time.monotonic() < deadline:
@@ -120,5 +123,5 @@ def test_guest_agent_returns_every_cgroup_fd_and_child_after_mixed_calls(
     assert int(after["threads"]) <= int(baseline["threads"]), (baseline, after)
     assert int(after["descendants"]) <= int(baseline["descendants"]), (baseline, after)
     assert int(after["cgroups"]) <= int(baseline["cgroups"]), (baseline, after)
-    assert int(after["zombies"]) == 0, (baseline, after)
+    assert int(after["zombies"]) == 0, after["zombie_info"]
     assert int(after["tmp"]) <= int(baseline["tmp"]), (baseline, after)
