@@ -11,6 +11,7 @@ health checks (in the CLI) load the client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -37,6 +38,8 @@ DEFAULT_CPUS = 4
 DEFAULT_MEMORY_GIB = 4.0
 DEFAULT_DISK_GIB = 10.0
 GUEST_DIST_DIR = f"{defaults.GUEST_INSTALL_DIR}/dist"
+# Where Lima mounts the host workspace; agent.sh presents it at /workspace (bindfs).
+GUEST_HOST_WORKSPACE = "/mnt/cowork/host-workspace"
 START_TIMEOUT = "30m"  # first boot installs the toolchain and Claude Code
 
 # Lima instance names: what `limactl` accepts (identifiers, dots, dashes).
@@ -98,23 +101,41 @@ def error_message(stderr: str) -> str:
     return first.removeprefix("limactl: ")
 
 
+# Reads one info message of a running limactl; returns a reason to stop it, or None.
+Watch = Callable[[str], str | None]
+
+
+class ProvisionError(LimaError):
+    """Provisioning in the guest failed in a way the agent cannot come back from."""
+
+
 def run_limactl(
     args: Sequence[str],
     *,
     timeout: float | None = 120,
     progress: Progress | None = None,
     input: str | None = None,
+    watch: Watch | None = None,
 ) -> str:
     """Run `limactl --log-format json --tty=false ARGS`; return stdout.
 
     With `progress`, stderr log lines are passed on as they come (info messages).
+    With `watch`, each info message goes to it instead, and a reason it returns
+    stops limactl (SIGTERM) and raises ProvisionError with that reason.
     `input` is written to its stdin. A non-zero exit raises LimaError with
     limactl's own message.
     """
     argv = [limactl_path(), "--log-format", "json", "--tty=false", *args]
     what = f"limactl {' '.join(args[:1])}"
+    if watch is None and progress is not None:
+        show = progress
+
+        def watch(msg: str) -> str | None:
+            show(msg)
+            return None
+
     try:
-        if progress is None or input is not None:
+        if watch is None or input is not None:
             proc = subprocess.run(
                 argv,
                 capture_output=True,
@@ -125,7 +146,7 @@ def run_limactl(
             )
             out, err, code = proc.stdout, proc.stderr, proc.returncode
         else:
-            out, err, code = _run_streaming(argv, timeout, progress)
+            out, err, code = _run_streaming(argv, timeout, watch)
     except subprocess.TimeoutExpired:
         raise LimaError(f"{what} did not finish within {timeout:g}s") from None
     except OSError as exc:
@@ -135,9 +156,7 @@ def run_limactl(
     return out
 
 
-def _run_streaming(
-    argv: list[str], timeout: float | None, progress: Progress
-) -> tuple[str, str, int]:
+def _run_streaming(argv: list[str], timeout: float | None, watch: Watch) -> tuple[str, str, int]:
     with subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -151,7 +170,13 @@ def _run_streaming(
             err_lines.append(line)
             for entry in _log_lines(line):
                 if entry.get("level") == "info" and entry.get("msg"):
-                    progress(str(entry["msg"]))
+                    reason = watch(str(entry["msg"]))
+                    if reason:
+                        # limactl start only waits for the VM; its host agent (and
+                        # the VM) stay up, for the caller to keep or delete.
+                        proc.terminate()
+                        proc.wait(30)
+                        raise ProvisionError(reason)
         out = proc.stdout.read()
         code = proc.wait(timeout=timeout)
     return out, "".join(err_lines), code
@@ -296,8 +321,54 @@ def create(name: str, template: str) -> None:
     run_limactl(["create", f"--name={name}", "-"], timeout=600, input=template)
 
 
+# A line the provisioning scripts (lima/provision/*.sh) print: "cowork agent.sh: ...";
+# their fatal errors read "cowork agent.sh: error: WHAT: FIX".
+_SCRIPT_LINE = re.compile(r"\bcowork ([a-z]+)\.sh: (.*)$")
+_LIMA_FAILED = re.compile(r"WARNING: Failed to execute (\S+)")
+
+
+class ProvisionWatch:
+    """Follows `limactl start --progress` (Lima tails cloud-init's output, where the
+    provisioning scripts write): passes Lima's own messages and our scripts' lines
+    to `say` (not apt's or npm's noise), and asks to stop at agent.sh's first error.
+
+    Why stop: once agent.sh has failed, the agent cannot come up on this boot, and
+    Lima's readiness probe would retry for 10 minutes (200 x 3 s) before giving up.
+    A failed toolchain or Claude step is reported but not fatal (the agent, and
+    `coworkctl doctor`, still work)."""
+
+    def __init__(self, say: Progress) -> None:
+        self.say = say
+        self.errors: list[str] = []
+        self._last = ""
+
+    def __call__(self, msg: str) -> str | None:
+        if not msg.startswith("[cloud-init] "):
+            self.say(msg)
+            return None
+        # Lima repeats the latest cloud-init line with every later status event.
+        if msg == self._last:
+            return None
+        self._last = msg
+        line = msg.removeprefix("[cloud-init] ")
+        m = _SCRIPT_LINE.search(line)
+        if m:
+            script, text = m.groups()
+            self.say(f"{script}.sh: {text}")
+            if text.startswith("error: "):
+                self.errors.append(f"{script}.sh: {text.removeprefix('error: ')}")
+                if script == "agent":
+                    return f"provisioning failed in the VM: {self.errors[-1]}"
+        elif _LIMA_FAILED.search(line):
+            self.say(line[line.index("WARNING") :])
+        return None
+
+
 def start(name: str, progress: Progress | None = None, timeout: str = START_TIMEOUT) -> None:
-    run_limactl(["start", f"--timeout={timeout}", name], timeout=None, progress=progress)
+    """`limactl start`, following the provisioning (ProvisionWatch); ProvisionError
+    when agent.sh fails, with limactl stopped and the VM left as it is."""
+    watch = ProvisionWatch(progress or (lambda _msg: None))
+    run_limactl(["start", "--progress", f"--timeout={timeout}", name], timeout=None, watch=watch)
 
 
 def stop(name: str, force: bool = False, progress: Progress | None = None) -> None:
@@ -342,6 +413,16 @@ def template_dir() -> Path:
     return d
 
 
+def template_params(lima_dir: Path | None = None) -> dict[str, str]:
+    """The `param:` keys of lima/cowork.yaml with their defaults."""
+    import yaml
+
+    path = (lima_dir or template_dir()) / "cowork.yaml"
+    doc = yaml.safe_load(path.read_text())
+    params = doc.get("param") if isinstance(doc, dict) else None
+    return {str(k): str(v) for k, v in (params or {}).items()}
+
+
 @dataclass(frozen=True)
 class InitOptions:
     name: str = field(default_factory=defaults.vm_name)
@@ -350,9 +431,24 @@ class InitOptions:
     disk_gib: float = DEFAULT_DISK_GIB
     ubuntu: str = DEFAULT_UBUNTU
     workspace: Path = field(default_factory=defaults.local_workspace)
-    # A local path or URL of a disk image to use instead of Lima's Ubuntu list
-    # (pre-downloaded images, offline machines, tests): $COWORK_LIMA_IMAGE.
+    # A local path or http(s) URL of a disk image to boot instead of Lima's Ubuntu
+    # list (air-gapped or corporate machines, pre-downloaded or custom images,
+    # tests): --image, else $COWORK_LIMA_IMAGE. With it, `base:` (the Ubuntu list)
+    # is dropped and --ubuntu has no effect.
     image: str | None = field(default_factory=lambda: os.environ.get("COWORK_LIMA_IMAGE") or None)
+    # Direct kernel boot of that image (an image without a bootloader, e.g. a
+    # plain ext4 root): Lima's images[].kernel/initrd.
+    kernel: str | None = None
+    initrd: str | None = None
+    kernel_cmdline: str | None = None
+    # SeaBIOS instead of UEFI (x86_64 + QEMU): hosts without OVMF, direct kernel boot.
+    legacy_bios: bool = False
+    # Values for the template's `param:` keys (e.g. CoworkToolchain=false).
+    params: dict[str, str] = field(default_factory=dict)
+    # Extra CA certificates (PEM files) the guest trusts, e.g. a corporate
+    # TLS-inspecting proxy's: Lima's caCerts (cloud-init), so apt, pip and npm in
+    # the provisioning reach their registries through it.
+    ca_certs: tuple[Path, ...] = ()
 
     def validate(self) -> None:
         check_name(self.name)
@@ -364,6 +460,113 @@ class InitOptions:
             raise LimaError("--memory must be at least 1 GiB")
         if self.disk_gib < 5:
             raise LimaError("--disk must be at least 5 GiB")
+        if (self.kernel or self.initrd or self.kernel_cmdline) and not self.image:
+            raise LimaError("--kernel, --initrd and --kernel-cmdline need --image")
+        if (self.initrd or self.kernel_cmdline) and not self.kernel:
+            raise LimaError("--initrd and --kernel-cmdline need --kernel")
+        self.locations()
+        self.ca_pems()
+        if self.params:
+            known = template_params()
+            for key in self.params:
+                if key not in known:
+                    raise LimaError(
+                        f"--param {key}: lima/cowork.yaml has no such param "
+                        f"(it has: {', '.join(known) or 'none'})"
+                    )
+
+    def ca_pems(self) -> list[str]:
+        """The --ca-cert files' text; LimaError for one that holds no PEM certificate."""
+        pems = []
+        for path in self.ca_certs:
+            try:
+                text = path.expanduser().read_text(errors="replace")
+            except OSError as exc:
+                raise LimaError(f"--ca-cert {path}: {exc.strerror or exc}") from None
+            if "-----BEGIN CERTIFICATE-----" not in text:
+                raise LimaError(f"--ca-cert {path}: no PEM certificate in it (BEGIN CERTIFICATE)")
+            pems.append(text.strip() + "\n")
+        return pems
+
+    def locations(self) -> dict[str, str]:
+        """image/kernel/initrd as Lima should see them: URLs as given, local files
+        absolute (the template reaches limactl on stdin, so nothing is relative).
+        LimaError, naming the option and what is wrong, for a file that cannot be
+        one: missing, unreadable, empty, or an image qemu-img cannot read."""
+        out: dict[str, str] = {}
+        given = {"image": self.image, "kernel": self.kernel, "initrd": self.initrd}
+        for what, where in given.items():
+            if where:
+                out[what] = _location(what, where)
+        if "image" in out and "://" not in out["image"]:
+            _check_disk_image(out["image"], self.image or "")
+        return out
+
+
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# A raw disk image smaller than this is a typo'd path, not a disk.
+_MIN_RAW_IMAGE = 1 << 20
+
+
+def _location(what: str, where: str) -> str:
+    m = _URL_RE.match(where)
+    if m and m.group(1).lower() in ("http", "https"):
+        return where
+    if m and m.group(1).lower() != "file":
+        raise LimaError(
+            f"--{what} {where}: Lima fetches only http:// and https:// URLs (or give a local file)"
+        )
+    path = Path(where[len("file://") :] if m else where).expanduser()
+    hint = "give a local file or an http(s):// URL"
+    if not path.exists():
+        raise LimaError(f"--{what} {where}: no such file ({hint})")
+    if not path.is_file():
+        raise LimaError(f"--{what} {where}: not a regular file ({hint})")
+    if not os.access(path, os.R_OK):
+        raise LimaError(f"--{what} {where}: not readable by {_whoami()} (chmod a+r it)")
+    if path.stat().st_size == 0:
+        raise LimaError(f"--{what} {where}: the file is empty ({hint})")
+    return str(path.resolve())
+
+
+def _whoami() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _check_disk_image(path: str, given: str) -> None:
+    """Refuse what qemu-img cannot read as a disk (Lima would only fail at boot, or
+    boot garbage and wait 10 minutes for SSH). Without qemu-img (vz hosts), trust it."""
+    qemu_img = shutil.which("qemu-img")
+    if not qemu_img:
+        return
+    try:
+        proc = subprocess.run(
+            [qemu_img, "info", "--output=json", path],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LimaError(f"--image {given}: cannot inspect it with qemu-img ({exc})") from None
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
+        raise LimaError(f"--image {given}: not a disk image ({why.removeprefix('qemu-img: ')})")
+    try:
+        info = json.loads(proc.stdout)
+    except ValueError:
+        return
+    size = Path(path).stat().st_size
+    if info.get("format") == "raw" and size < _MIN_RAW_IMAGE:
+        raise LimaError(
+            f"--image {given}: not a disk image (a {size}-byte file that is no known "
+            "image format; give a qcow2 or raw disk image)"
+        )
 
 
 def lima_arch() -> str:
@@ -417,14 +620,40 @@ def render_template(
     doc = yaml.safe_load((lima_dir / "cowork.yaml").read_text())
     if not isinstance(doc, dict):
         raise LimaError(f"{lima_dir / 'cowork.yaml'} is not a YAML mapping")
-    doc["base"] = [
-        f"template:_images/ubuntu-{opts.ubuntu}"
-        if str(b).startswith("template:_images/ubuntu-")
-        else b
-        for b in doc.get("base") or []
-    ]
-    if opts.image:
-        doc["images"] = [{"location": opts.image, "arch": lima_arch()}]
+    locations = opts.locations()
+    if "image" in locations:
+        # Our image only: the Ubuntu list of `base:` would be merged in behind it.
+        ubuntu = [b for b in doc.get("base") or [] if str(b).startswith("template:_images/")]
+        doc["base"] = [b for b in doc.get("base") or [] if b not in ubuntu]
+        if not doc["base"]:
+            del doc["base"]
+        image: dict[str, Any] = {"location": locations["image"], "arch": lima_arch()}
+        if "kernel" in locations:
+            image["kernel"] = {"location": locations["kernel"]}
+            if opts.kernel_cmdline:
+                image["kernel"]["cmdline"] = opts.kernel_cmdline
+        if "initrd" in locations:
+            image["initrd"] = {"location": locations["initrd"]}
+        doc["images"] = [image]
+    else:
+        doc["base"] = [
+            f"template:_images/ubuntu-{opts.ubuntu}"
+            if str(b).startswith("template:_images/ubuntu-")
+            else b
+            for b in doc.get("base") or []
+        ]
+    if opts.legacy_bios:
+        doc.setdefault("firmware", {})["legacyBIOS"] = True
+    pems = opts.ca_pems()
+    if pems:
+        doc.setdefault("caCerts", {})["certs"] = [_Literal(pem) for pem in pems]
+    params: dict[str, Any] = doc.setdefault("param", {}) or {}
+    for key, value in opts.params.items():
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise LimaError(f"--param {key}: lima/cowork.yaml has no such param (it has: {known})")
+        params[key] = str(value)
+    doc["param"] = params
     doc["cpus"] = opts.cpus
     doc["memory"] = _gib(opts.memory_gib)
     doc["disk"] = _gib(opts.disk_gib)
@@ -562,61 +791,119 @@ def write_token(path: Path, token: str) -> None:
 
 
 # -- init -----------------------------------------------------------------------------
+def require_qemu() -> None:
+    """On Linux Lima runs QEMU: fail before anything is made when it is missing
+    ($QEMU_SYSTEM_<ARCH>, as Lima reads it, else qemu-system-<arch>; and qemu-img).
+    macOS 13+ uses vz, and Lima itself says what an older Mac lacks."""
+    if platform.system() != "Linux":
+        return
+    arch = lima_arch()
+    env = f"QEMU_SYSTEM_{arch.upper()}"
+    exe = (os.environ.get(env) or f"qemu-system-{arch}").split()[0]
+    package = {"x86_64": "qemu-system-x86", "aarch64": "qemu-system-arm"}.get(arch, "qemu-system")
+    if not shutil.which(exe):
+        raise LimaError(
+            f"QEMU not found ({exe}): Lima needs it on Linux; install it "
+            f"(sudo apt-get install {package} qemu-utils, or your distribution's qemu) "
+            f"or point {env} at it"
+        )
+    if not shutil.which("qemu-img"):
+        raise LimaError(
+            "qemu-img not found: Lima needs it on Linux; install it "
+            "(sudo apt-get install qemu-utils, or your distribution's qemu-img)"
+        )
+
+
 def init_vm(
     opts: InitOptions,
     *,
     wheel: Path | None = None,
     progress: Progress | None = None,
     start_it: bool = True,
+    keep_failed: bool = False,
 ) -> Instance:
     """Create (if needed) and start the cowork VM. Idempotent.
 
     A new VM gets a fresh token (host: the Lima instance dir, 0600; guest:
     /etc/cowork/token via a data provision) and the agent wheel in its
     dist_dir() (built from this checkout unless `wheel` is given). An existing VM is only started.
-    The caller waits for the agent's health.
+    The caller waits for the agent's health (and calls discard_new_vm() if it never comes).
+
+    Nothing is half-made: every check that can fail before `limactl create` runs
+    first, and a VM this call created that then fails to create, take its wheel, or
+    start (provisioning included) is deleted again, unless `keep_failed`.
     """
     opts.validate()
     require_version()
     say = progress or (lambda _msg: None)
     inst = get_instance(opts.name)
-    if inst is None:
-        workspace = opts.workspace.expanduser()
-        workspace.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="cowork-init-") as tmp:
-            if wheel is None:
-                say("building the agent wheel")
-                wheel = build_wheel(Path(tmp))
-            elif not wheel.is_file():
-                raise LimaError(f"wheel not found: {wheel}")
-            token = generate_token()
-            rendered = render_template(opts, token=token)
-            say(f"creating Lima VM {opts.name!r} (Ubuntu {opts.ubuntu})")
-            try:
-                create(opts.name, rendered)
-                install_wheel(opts.name, wheel)
-            except (LimaError, OSError) as exc:
-                # limactl may leave a half-made instance behind: remove it.
-                if get_instance(opts.name) is not None:
-                    try:
-                        delete(opts.name, force=True)
-                    except LimaError:
-                        pass
-                if isinstance(exc, OSError):
-                    raise LimaError(f"cannot deliver the agent wheel: {exc}") from None
-                raise
-        write_token(lima_token(opts.name), token)
-        inst = require_instance(opts.name)
-    elif not is_cowork_instance(opts.name):
+    if inst is not None and not is_cowork_instance(opts.name):
         raise LimaError(
             f"Lima VM {opts.name!r} exists but was not made by coworkctl init "
             f"(no {lima_token(opts.name)}): pick another --name, or delete it"
         )
+    created = False
+    if inst is None:
+        require_qemu()
+        workspace = opts.workspace.expanduser()
+        made_workspace = not workspace.exists()
+        workspace.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="cowork-init-") as tmp:
+                if wheel is None:
+                    say("building the agent wheel")
+                    wheel = build_wheel(Path(tmp))
+                elif not wheel.is_file():
+                    raise LimaError(f"wheel not found: {wheel}")
+                token = generate_token()
+                rendered = render_template(opts, token=token)
+                what = f"image {opts.image}" if opts.image else f"Ubuntu {opts.ubuntu}"
+                say(f"creating Lima VM {opts.name!r} ({what})")
+                created = True
+                try:
+                    create(opts.name, rendered)
+                    install_wheel(opts.name, wheel)
+                    write_token(lima_token(opts.name), token)
+                except OSError as exc:
+                    raise LimaError(f"cannot deliver the agent wheel or token: {exc}") from None
+        except BaseException:
+            if created:
+                discard_new_vm(opts.name)
+            if made_workspace:
+                with contextlib.suppress(OSError):
+                    workspace.rmdir()  # only if still empty
+            raise
+        inst = require_instance(opts.name)
     if start_it and not inst.running:
-        say(f"starting Lima VM {opts.name!r} (the first boot installs the toolchain)")
-        start(opts.name, progress=progress)
+        first = "; the first boot provisions it" if created else ""
+        say(f"starting Lima VM {opts.name!r}{first}")
+        try:
+            start(opts.name, progress=progress)
+        except (LimaError, KeyboardInterrupt) as exc:
+            if not created or keep_failed:
+                if isinstance(exc, LimaError):
+                    kept = "is kept (--keep-failed)" if created else "keeps running"
+                    raise LimaError(
+                        f"{exc}; the VM {kept}: limactl shell {opts.name}, "
+                        f"or coworkctl delete --force --name {opts.name}"
+                    ) from None
+                raise
+            discard_new_vm(opts.name)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise LimaError(
+                f"{exc}; the new VM was deleted again (--keep-failed keeps it to look inside)"
+            ) from None
         inst = require_instance(opts.name)
     return inst
+
+
+def discard_new_vm(name: str) -> None:
+    """Delete a VM that init made and that did not come up (best effort: the caller
+    is already reporting the failure that matters)."""
+    with contextlib.suppress(LimaError):
+        if get_instance(name) is not None:
+            delete(name, force=True)
 
 
 # -- the socket forward ---------------------------------------------------------------
@@ -635,6 +922,54 @@ def ssh_master_alive(inst: Instance) -> bool:
         timeout=10,
     )
     return proc.returncode == 0
+
+
+def forward_state(name: str) -> str:
+    """The host end of the agent's socket forward: "missing" (no socket), "dead"
+    (nothing listens: the SSH master that carried it is gone), or "open" (ssh
+    accepts; whether the agent answers behind it is the health check's business)."""
+    import socket
+
+    sock = host_socket(name)
+    if not sock.is_socket():
+        return "missing"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(sock))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return "dead"
+        except OSError:
+            return "open"  # e.g. EACCES for another user: not ours to judge here
+    return "open"
+
+
+def diagnose(name: str) -> str:
+    """Why `lima:NAME` gives no answer, as one line: the cause and the command that fixes it.
+
+    For an agent call that could not connect: the VM may be missing or stopped, or
+    running with a dead socket forward (Lima's SSH master died, e.g. when the host
+    slept, and Lima never re-creates the forward: Lima issue #5420), or running with
+    an agent that does not answer. Costs one `limactl list` and a connect().
+    """
+    try:
+        inst = get_instance(name)
+    except LimaError as exc:
+        return str(exc)
+    if inst is None:
+        return f"no Lima VM named {name!r}: create it with 'coworkctl init --name {name}'"
+    if not inst.running:
+        return f"VM {name!r} is {inst.status or 'not running'}: coworkctl start --name {name}"
+    fix = f"coworkctl doctor --fix --name {name}"
+    state = forward_state(name)
+    if state == "missing":
+        return f"VM {name!r} runs but its agent socket is not forwarded: {fix}"
+    if state == "dead":
+        return (
+            f"the socket forward of VM {name!r} is dead (Lima's SSH master went away, e.g. "
+            f"when the host slept, and Lima does not re-create it): {fix}"
+        )
+    return f"VM {name!r} runs but its agent does not answer: coworkctl doctor --name {name}"
 
 
 def _start_ssh_master(inst: Instance, cfg: str, host: str) -> None:

@@ -195,7 +195,7 @@ def _main(argv: list[str] | None) -> int:
         _say(str(exc))
         code = exc.exit_code
     except (CoworkError, TargetError) as exc:
-        _say(str(exc))
+        _say(_unreachable_lima(args, exc) or str(exc))
         code = 1
     except OSError as exc:
         if exc.errno is None or isinstance(exc, BrokenPipeError):
@@ -205,6 +205,25 @@ def _main(argv: list[str] | None) -> int:
         _say(f"{exc.strerror or exc}{where}")
         code = 1
     return code
+
+
+def _unreachable_lima(args: argparse.Namespace, exc: Exception) -> str | None:
+    """For a lima: target whose agent could not be reached: why, and the fix (a stopped
+    VM, a dead socket forward after host sleep, ...; host_client.lima.diagnose)."""
+    from ..errors import AgentUnavailable
+    from ..targets import TargetError, parse
+
+    if not isinstance(exc, AgentUnavailable):
+        return None
+    try:
+        target = parse(getattr(args, "target", None))
+    except TargetError:
+        return None
+    if target.kind != "lima":
+        return None
+    from .. import lima
+
+    return f"agent unavailable at {target.spec}: {lima.diagnose(target.name)}"
 
 
 def _say(message: str) -> None:

@@ -12,6 +12,7 @@ import platform
 import shutil
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ..targets import lima_socket, lima_token
 from .common import EXIT_USAGE, fail, human_bytes, print_json
 
 READY_TIMEOUT = 180.0  # after `limactl start` returned (its probe already waited)
+REPAIR_WAIT = 10.0  # doctor --fix: how long a re-created forward may take to answer
 
 
 def _progress(msg: str) -> None:
@@ -47,6 +49,13 @@ def _gib(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
+
+
+def _param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
+    return key, value
 
 
 def _add_name(p: argparse.ArgumentParser) -> None:
@@ -81,8 +90,46 @@ def register(sub: Any) -> None:
         "(default: $COWORK_WORKSPACE or ~/cowork-workspace)",
     )
     p.add_argument("--wheel", help="agent wheel to install (default: build one from this checkout)")
+    g = p.add_argument_group(
+        "a local or custom image (air-gapped machines, your own build; see lima/README.md)"
+    )
+    g.add_argument(
+        "--image",
+        help="disk image file or http(s) URL to boot instead of Ubuntu "
+        "(default: $COWORK_LIMA_IMAGE); --ubuntu is then ignored",
+    )
+    g.add_argument("--kernel", help="boot this kernel directly (file or URL; needs --image)")
+    g.add_argument("--initrd", help="initial ramdisk for --kernel")
+    g.add_argument(
+        "--kernel-cmdline", metavar="ARGS", help='kernel command line, e.g. "root=/dev/vda rw"'
+    )
+    g.add_argument(
+        "--legacy-bios",
+        action="store_true",
+        help="SeaBIOS instead of UEFI (x86_64 QEMU; hosts without OVMF, direct kernel boot)",
+    )
+    g.add_argument(
+        "--ca-cert",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="also trust this CA certificate in the VM (a TLS-inspecting proxy's; repeatable)",
+    )
+    g.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_param,
+        help="set a param of lima/cowork.yaml, e.g. CoworkToolchain=false (repeatable)",
+    )
     p.add_argument(
         "--timeout", type=float, default=READY_TIMEOUT, help="seconds to wait for the agent"
+    )
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="keep a new VM whose provisioning or agent failed (default: delete it again)",
     )
     p.set_defaults(func=cmd_init)
 
@@ -131,11 +178,20 @@ def _json(args: argparse.Namespace) -> bool:
 
 
 def _wait_agent(name: str, token_file: str | None, timeout: float) -> dict[str, Any]:
+    """The agent's Info once it answers on lima:NAME; LimaError (one line, with what
+    to run next) when it does not within `timeout` seconds."""
     from ..client import CoworkClient
+    from ..errors import CoworkError
 
-    with CoworkClient(target=f"lima:{name}", token_file=token_file) as client:
-        client.wait_ready(timeout)
-        return client.info()
+    try:
+        with CoworkClient(target=f"lima:{name}", token_file=token_file) as client:
+            client.wait_ready(timeout)
+            return client.info()
+    except CoworkError as exc:
+        raise lima.LimaError(
+            f"VM {name!r} is up but its agent does not answer ({exc}): "
+            f"coworkctl doctor --name {name}"
+        ) from None
 
 
 def _print_ready(name: str, info: dict[str, Any]) -> None:
@@ -154,6 +210,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         disk_gib=args.disk,
         ubuntu=args.ubuntu,
         workspace=workspace,
+        image=args.image or os.environ.get("COWORK_LIMA_IMAGE") or None,
+        kernel=args.kernel,
+        initrd=args.initrd,
+        kernel_cmdline=args.kernel_cmdline,
+        legacy_bios=args.legacy_bios,
+        params=dict(args.param),
+        ca_certs=tuple(Path(c) for c in args.ca_cert),
     )
     try:
         opts.validate()
@@ -161,10 +224,18 @@ def cmd_init(args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_USAGE)
     existed = lima.get_instance(name) is not None
     wheel = Path(args.wheel) if args.wheel else None
-    lima.init_vm(opts, wheel=wheel, progress=_progress)
+    lima.init_vm(opts, wheel=wheel, progress=_progress, keep_failed=args.keep_failed)
     if existed:
-        _progress(f"VM {name!r} already existed: --cpus/--memory/--disk/--ubuntu left as they are")
-    info = _wait_agent(name, args.token_file, args.timeout)
+        _progress(f"VM {name!r} already existed: its size, image and params are left as they are")
+    try:
+        info = _wait_agent(name, args.token_file, args.timeout)
+    except lima.LimaError as exc:
+        if existed or args.keep_failed:
+            raise
+        lima.discard_new_vm(name)
+        raise lima.LimaError(
+            f"{exc}; the new VM was deleted again (--keep-failed keeps it to look inside)"
+        ) from None
     _print_ready(name, info)
     return 0
 
@@ -175,7 +246,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if inst.running:
         _progress(f"VM {name!r} is already running")
     else:
-        lima.start(name, progress=_progress)
+        try:
+            lima.start(name, progress=_progress)
+        except lima.ProvisionError as exc:
+            raise lima.LimaError(f"{exc}; the VM keeps running: limactl shell {name}") from None
     info = _wait_agent(name, args.token_file, args.timeout)
     _print_ready(name, info)
     return 0
@@ -364,7 +438,7 @@ def _doctor(name: str, token_file: str | None, fix: bool) -> list[Check]:
             "" if inst.running else f"coworkctl start --name {name}",
         )
     )
-    expected = (defaults.GUEST_WORKSPACE, lima.GUEST_DIST_DIR)
+    expected = (lima.GUEST_HOST_WORKSPACE, lima.GUEST_DIST_DIR)
     extra = [m for m in inst.mounts if m[1] not in expected]
     checks.append(
         Check(
@@ -417,7 +491,13 @@ def _doctor(name: str, token_file: str | None, fix: bool) -> list[Check]:
     if not report.get("healthy") and fix:
         try:
             lima.repair_forward(inst)
+            # This process's failed attempt left gRPC backing off (1 s and more)
+            # before it dials the same socket again: give the new forward a few tries.
+            deadline = time.monotonic() + REPAIR_WAIT
             report = _agent_report(name, token_file)
+            while not report.get("healthy") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                report = _agent_report(name, token_file)
             checks.append(Check("forward", True, "re-created the socket forward"))
         except lima.LimaError as exc:
             checks.append(Check("forward", False, str(exc), f"coworkctl stop/start --name {name}"))
@@ -451,15 +531,17 @@ def _doctor(name: str, token_file: str | None, fix: bool) -> list[Check]:
             )
         )
     else:
-        alive = lima.ssh_master_alive(inst)
+        # A refused connection means the forward itself is dead (Lima's SSH master
+        # went away, and Lima never re-creates the forward): --fix re-creates it.
+        dead = lima.forward_state(name) != "open" or not lima.ssh_master_alive(inst)
         checks.append(
             Check(
                 "agent",
                 False,
                 f"not answering: {report.get('error', 'no socket')}"
-                + ("" if alive else "; Lima's SSH master is gone (host sleep?)"),
+                + ("; the socket forward is dead (Lima's SSH master is gone?)" if dead else ""),
                 f"coworkctl doctor --fix --name {name}"
-                if not alive
+                if dead
                 else f"limactl shell {name} sudo journalctl -u cowork-agent.service",
             )
         )

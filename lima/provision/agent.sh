@@ -41,6 +41,16 @@
 #                              on vz has one, Lima on qemu does not).
 #   COWORK_VSOCK_PORT=7070
 #   COWORK_ROOT=/workspace     workspace root given to the agent (created if missing).
+#   COWORK_WORKSPACE_SOURCE=DIR  a host share (Lima's mount of the user's workspace,
+#                              owned by the Lima user's uid, which other guest users
+#                              cannot write) to present at $COWORK_ROOT through bindfs
+#                              (FUSE, unit cowork-workspace.service, started before the
+#                              agent): the sandbox user and COWORK_SOCKET_USER each see
+#                              themselves as the owner of every file, new files are
+#                              created as the share's owner (so they land on the host as
+#                              the host user), chown is a no-op; both mounts are nosuid.
+#                              bindfs is installed with apt when missing.
+#                              Why bindfs: lima/README.md ("The workspace"). Unset: none.
 #   COWORK_INSTALL_TOOLCHAIN=0 1: run base.sh (next to this script) first.
 #   COWORK_INSTALL_CLAUDE=0    1: run claude.sh (next to this script) first.
 #   COWORK_START=auto|1|0      enable + (re)start the unit and wait for its socket.
@@ -74,7 +84,7 @@ SOCKET_USER=${COWORK_SOCKET_USER:-}
 here=$(cd "$(dirname "$0")" && pwd)
 
 log() { echo "cowork agent.sh: $*"; }
-die() { echo "cowork agent.sh: $*" >&2; exit 1; }
+die() { echo "cowork agent.sh: error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 
 case "${COWORK_INSTALL_TOOLCHAIN:-0}" in 1 | true | yes) COWORK_INSTALL_TOOLCHAIN=1 bash "$here/base.sh" ;; esac
@@ -106,6 +116,12 @@ if [ "$want" != "$have" ] || ! "$VENV/bin/cowork-agent" --version >/dev/null 2>&
   log "installing $(basename "$wheel") into $VENV"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV" || die "cannot create a venv with $PYTHON (install python3-venv)"
   pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+  # pip trusts its own CA list (certifi), not the system's: use the system bundle,
+  # which also holds CAs added with Lima's caCerts (coworkctl init --ca-cert), e.g.
+  # for a TLS-inspecting proxy between the guest and PyPI.
+  if [ -z "${PIP_CERT:-}" ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+    export PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+  fi
   if [ -n "${COWORK_WHEELHOUSE:-}" ]; then
     pip+=(--no-index --find-links "$COWORK_WHEELHOUSE")
   fi
@@ -223,6 +239,76 @@ args+=(--policy "$POLICY" --egress-log /var/log/cowork/egress.jsonl)
 [ -n "${COWORK_AGENT_ARGS:-}" ] && args+=(${COWORK_AGENT_ARGS})
 install -d -m 0755 "$ROOT"
 
+# --- the workspace: a host share, writable for the sandbox user ----------------
+# (see COWORK_WORKSPACE_SOURCE above; why bindfs: lima/README.md, "The workspace")
+WS_UNIT=/etc/systemd/system/cowork-workspace.service
+agent_deps=""
+if [ -n "${COWORK_WORKSPACE_SOURCE:-}" ]; then
+  src=$COWORK_WORKSPACE_SOURCE
+  case "$src" in /*) ;; *) die "COWORK_WORKSPACE_SOURCE must be an absolute path, not $src" ;; esac
+  [ "$src" != "$ROOT" ] || die "COWORK_WORKSPACE_SOURCE must differ from the workspace root $ROOT"
+  for _ in $(seq 1 "${COWORK_WHEEL_WAIT:-120}"); do # a reverse-sshfs mount arrives late
+    mountpoint -q "$src" && break
+    sleep 1
+  done
+  mountpoint -q "$src" || die "the workspace share $src is not mounted (see the mounts in lima.yaml)"
+  # What the box writes lands on the host, set-id bits included (bindfs cannot filter
+  # them out): make them inert in the guest, on this view as on the bindfs one.
+  case ",$(findmnt -n -o OPTIONS --mountpoint "$src")," in *,nosuid,*) ;; *)
+    mount -o remount,nosuid,nodev "$src" || die "cannot remount $src nosuid,nodev"
+    ;;
+  esac
+  if ! command -v bindfs >/dev/null; then
+    log "installing bindfs (makes $src writable for $run_as at $ROOT)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
+    "${apt[@]}" install --no-install-recommends bindfs >/dev/null 2>&1 ||
+      { "${apt[@]}" update >/dev/null && "${apt[@]}" install --no-install-recommends bindfs >/dev/null; } ||
+      die "cannot install bindfs with apt-get (the workspace needs it): check the guest's network and apt sources"
+  fi
+  mirror=$run_as
+  [ -n "$SOCKET_USER" ] && [ "$SOCKET_USER" != "$run_as" ] && mirror+=",$SOCKET_USER"
+  [ "$run_as" = root ] && mirror=${SOCKET_USER:-root}
+  fuse_opts=allow_other,nosuid,nodev
+  # libfuse 2 (Debian 12's and Ubuntu 22.04's bindfs) writes in 4 KiB requests unless
+  # told otherwise: 3 MB/s instead of 70 here under TCG. libfuse 3 always does, and
+  # refuses the option.
+  if ldd "$(command -v bindfs)" 2>/dev/null | grep -q 'libfuse\.so\.2'; then
+    fuse_opts+=,big_writes
+  fi
+  bindfs_cmd="$(command -v bindfs) -o $fuse_opts --mirror=$mirror"
+  bindfs_cmd+=" --create-for-user=$(stat -c %u "$src") --create-for-group=$(stat -c %g "$src")"
+  bindfs_cmd+=" --chown-ignore --chgrp-ignore $src $ROOT"
+  fusermount=$(command -v fusermount3 || command -v fusermount) || die "bindfs is installed but fusermount is not"
+  ws_text="[Unit]
+Description=cowork workspace: $src at $ROOT, writable for $mirror (bindfs)
+RequiresMountsFor=$src
+Before=cowork-agent.service
+
+[Service]
+Type=forking
+ExecStartPre=-$fusermount -u -z $ROOT
+ExecStart=$bindfs_cmd
+ExecStop=$fusermount -u -z $ROOT
+Restart=on-failure
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"
+  ws_changed=0
+  if [ "$(cat "$WS_UNIT" 2>/dev/null || true)" != "$(printf "%s" "$ws_text")" ]; then
+    printf '%s' "$ws_text" >"$WS_UNIT.tmp"
+    chmod 0644 "$WS_UNIT.tmp"
+    mv -f "$WS_UNIT.tmp" "$WS_UNIT"
+    ws_changed=1
+    log "wrote $WS_UNIT ($src at $ROOT for $mirror)"
+  fi
+  agent_deps="Requires=cowork-workspace.service
+After=cowork-workspace.service
+"
+fi
+
 claude_env=""
 if [ -x "$PREFIX/claude/node_modules/.bin/claude" ]; then
   claude_env="Environment=COWORK_CLAUDE_BIN=$PREFIX/claude/node_modules/.bin/claude
@@ -237,7 +323,7 @@ unit_text="[Unit]
 Description=cowork guest agent (gRPC: processes, files, Claude Code)
 After=network.target local-fs.target
 RequiresMountsFor=$ROOT
-StartLimitIntervalSec=0
+${agent_deps}StartLimitIntervalSec=0
 
 [Service]
 Type=simple
@@ -260,7 +346,8 @@ ${claude_env}
 [Install]
 WantedBy=multi-user.target
 "
-if [ "$(cat "$UNIT" 2>/dev/null || true)" != "$unit_text" ]; then
+# $(...) drops trailing newlines on both sides: compare like with like.
+if [ "$(cat "$UNIT" 2>/dev/null || true)" != "$(printf "%s" "$unit_text")" ]; then
   printf '%s' "$unit_text" >"$UNIT.tmp"
   chmod 0644 "$UNIT.tmp"
   mv -f "$UNIT.tmp" "$UNIT"
@@ -276,12 +363,34 @@ fi
 case "$start" in 1 | true | yes) ;; *)
   mkdir -p /etc/systemd/system/multi-user.target.wants
   ln -sfn "$UNIT" /etc/systemd/system/multi-user.target.wants/cowork-agent.service
+  [ -n "$agent_deps" ] && ln -sfn "$WS_UNIT" /etc/systemd/system/multi-user.target.wants/cowork-workspace.service
   log "installed (not started: no running systemd)"
   exit 0
   ;;
 esac
 systemctl daemon-reload
+if [ -n "$agent_deps" ]; then
+  systemctl enable --quiet cowork-workspace.service
+  if [ "$ws_changed" = 1 ]; then
+    systemctl restart cowork-workspace.service || true
+  else
+    systemctl start cowork-workspace.service || true
+  fi
+  if [ "$(findmnt -n -o FSTYPE --mountpoint "$ROOT" 2>/dev/null)" != fuse ]; then
+    why=$(journalctl --no-pager -o cat _SYSTEMD_UNIT=cowork-workspace.service -n 3 2>/dev/null | grep . | tail -n1 || true)
+    die "cowork-workspace.service did not mount $src at $ROOT (${why:-no output}): journalctl -u cowork-workspace.service"
+  fi
+  # The point of it all: the identity processes run as can create files there.
+  # shellcheck disable=SC2016 # expanded by the inner sh
+  if [ "$run_as" != root ] &&
+    ! setpriv --reuid="$run_as" --regid="$(id -g "$run_as")" --init-groups \
+      sh -c 'f=$(mktemp -p "$1" .cowork-write-check.XXXXXX) && rm -f "$f"' sh "$ROOT"; then
+    die "$run_as cannot create files in $ROOT (bindfs over $src): journalctl -u cowork-workspace.service"
+  fi
+fi
 systemctl enable --quiet cowork-agent.service
+restarts() { systemctl show -p NRestarts --value cowork-agent.service 2>/dev/null || echo 0; }
+before=$(restarts)
 if [ "$changed" = 1 ]; then
   systemctl restart cowork-agent.service
 else
@@ -289,11 +398,12 @@ else
 fi
 for _ in $(seq 1 300); do
   [ -S "$SOCKET" ] && systemctl is-active --quiet cowork-agent.service && break
+  # A crash loop does not end by waiting longer: say why after the third failed start.
+  [ $(($(restarts) - before)) -ge 3 ] && break
   sleep 0.2
 done
 if ! [ -S "$SOCKET" ]; then
-  systemctl --no-pager status cowork-agent.service >&2 || true
-  journalctl --no-pager -u cowork-agent.service -n 20 >&2 || true
-  die "cowork-agent.service did not create $SOCKET within 60 s"
+  why=$(journalctl --no-pager -o cat _SYSTEMD_UNIT=cowork-agent.service -n 5 2>/dev/null | grep . | tail -n1 || true)
+  die "cowork-agent.service does not start (${why:-no output}): check COWORK_AGENT_ARGS (Lima param CoworkAgentArgs), then journalctl -u cowork-agent.service"
 fi
 log "cowork-agent $("$VENV/bin/cowork-agent" --version | awk '{print $2}') running: ${args[*]}"

@@ -20,7 +20,7 @@ case "${COWORK_TOOLCHAIN:-true}" in 0 | false | no) echo "cowork base.sh: toolch
 NODE_MAJOR=${COWORK_NODE_MAJOR:-22}
 
 log() { echo "cowork base.sh: $*"; }
-die() { echo "cowork base.sh: $*" >&2; exit 1; }
+die() { echo "cowork base.sh: error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 command -v apt-get >/dev/null || die "needs a Debian/Ubuntu guest (apt-get)"
 

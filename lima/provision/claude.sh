@@ -28,7 +28,7 @@ dir=$PREFIX/claude
 bin=$dir/node_modules/.bin/claude
 
 log() { echo "cowork claude.sh: $*"; }
-die() { echo "cowork claude.sh: $*" >&2; exit 1; }
+die() { echo "cowork claude.sh: error: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
 
 installed_version() {
@@ -40,6 +40,11 @@ installed_version() {
 if [ "$(installed_version || true)" != "$VERSION" ]; then
   command -v npm >/dev/null || die "npm is missing (run base.sh first, or COWORK_INSTALL_TOOLCHAIN=1)"
   log "installing @anthropic-ai/claude-code@$VERSION into $dir"
+  # Node trusts its built-in CA list; add the system's, which also holds CAs added
+  # with Lima's caCerts (coworkctl init --ca-cert), e.g. for a TLS-inspecting proxy.
+  if [ -z "${NODE_EXTRA_CA_CERTS:-}" ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+    export NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt
+  fi
   install -d -m 0755 "$dir"
   npm install --prefix "$dir" --no-audit --no-fund --include=optional --save-exact \
     "@anthropic-ai/claude-code@$VERSION"

@@ -100,7 +100,7 @@ def test_list_json_lines_parse_into_instances(lima_env: LimaEnv, wheel: Path) ->
     parsed = lima.parse_list_output(out)
     assert [(i.name, i.status) for i in parsed] == [("one", "Stopped"), ("two", "Stopped")]
     assert parsed[0].mounts == (
-        (lima_env.env["COWORK_WORKSPACE"], defaults.GUEST_WORKSPACE, True),
+        (lima_env.env["COWORK_WORKSPACE"], lima.GUEST_HOST_WORKSPACE, True),
         (str(lima_env.home / "one" / "cowork-dist"), lima.GUEST_DIST_DIR, False),
     )
 

@@ -48,7 +48,13 @@ def test_every_init_option_combination_renders_a_valid_template(
     cpus, memory, disk = sizes
     ws = Path(lima_env.env["COWORK_WORKSPACE"]) if workspace == "custom" else Path.home()
     opts = lima.InitOptions(
-        name="combo", cpus=cpus, memory_gib=memory, disk_gib=disk, ubuntu=ubuntu, workspace=ws
+        name="combo",
+        cpus=cpus,
+        memory_gib=memory,
+        disk_gib=disk,
+        ubuntu=ubuntu,
+        workspace=ws,
+        image=None,  # Lima's Ubuntu list (the fixture's COWORK_LIMA_IMAGE is for create)
     )
     text = lima.render_template(opts, token=lima.generate_token() if with_payload else None)
     proc = _validate(lima_env, _write(lima_env, "combo", text))
@@ -66,9 +72,81 @@ def test_only_the_workspace_is_writable_and_the_wheel_dir_read_only(lima_env: Li
     assert proc.returncode == 0, proc.stderr
     filled = yaml.safe_load(proc.stdout)
     assert [(m["location"], m["mountPoint"], m["writable"]) for m in filled["mounts"]] == [
-        (str(ws), defaults.GUEST_WORKSPACE, True),
+        (str(ws), lima.GUEST_HOST_WORKSPACE, True),  # agent.sh maps it to /workspace
         (str(lima_env.home / "cowork-dist"), lima.GUEST_DIST_DIR, False),  # {{.Dir}}: see above
     ]
+
+
+def test_the_share_is_mapped_to_the_workspace_root_the_agent_serves() -> None:
+    doc = yaml.safe_load(lima.render_template(lima.InitOptions(name="ws")))
+    [env] = [p for p in doc["provision"] if p.get("path") == "/etc/cowork/agent.env"]
+    assert f"COWORK_WORKSPACE_SOURCE={lima.GUEST_HOST_WORKSPACE}\n" in env["content"]
+    assert doc["mounts"][0]["mountPoint"] == lima.GUEST_HOST_WORKSPACE
+    assert defaults.GUEST_WORKSPACE == "/workspace"  # where the agent and the box see it
+
+
+def _image_files(env: LimaEnv) -> dict[str, Path]:
+    files = {"image": Path(env.env["COWORK_LIMA_IMAGE"])}
+    for name in ("vmlinuz", "initrd.img"):
+        f = env.home.parent / name
+        f.write_bytes(b"\x00" * 4096)
+        f.chmod(0o644)
+        files[name] = f
+    return files
+
+
+def test_a_local_image_with_direct_kernel_boot_renders_a_valid_template(
+    lima_env: LimaEnv,
+) -> None:
+    f = _image_files(lima_env)
+    opts = lima.InitOptions(
+        name="img",
+        image=str(f["image"]),
+        kernel=str(f["vmlinuz"]),
+        initrd=str(f["initrd.img"]),
+        kernel_cmdline="root=/dev/vda rw console=ttyS0 ds=nocloud",
+        legacy_bios=True,
+    )
+    text = lima.render_template(opts, token=lima.generate_token())
+    proc = _validate(lima_env, _write(lima_env, "img", text))
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(text)
+    assert "base" not in doc  # only our image: no Ubuntu list merged in behind it
+    assert doc["images"] == [
+        {
+            "location": str(f["image"]),
+            "arch": lima.lima_arch(),
+            "kernel": {
+                "location": str(f["vmlinuz"]),
+                "cmdline": "root=/dev/vda rw console=ttyS0 ds=nocloud",
+            },
+            "initrd": {"location": str(f["initrd.img"])},
+        }
+    ]
+    assert doc["firmware"] == {"legacyBIOS": True}
+
+
+def test_an_image_url_is_passed_to_lima_as_given(lima_env: LimaEnv) -> None:
+    url = "https://images.example.com/debian-12.qcow2"
+    doc = yaml.safe_load(lima.render_template(lima.InitOptions(name="url", image=url)))
+    assert doc["images"] == [{"location": url, "arch": lima.lima_arch()}]
+
+
+def test_params_and_ca_certs_reach_the_template(lima_env: LimaEnv) -> None:
+    pem = lima_env.home.parent / "corp-ca.crt"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    opts = lima.InitOptions(
+        name="p", params={"CoworkToolchain": "false", "CoworkAgentArgs": "--log-level debug"},
+        ca_certs=(pem,),
+    )  # fmt: skip
+    text = lima.render_template(opts)
+    proc = _validate(lima_env, _write(lima_env, "p", text))
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load(text)
+    assert doc["param"]["CoworkToolchain"] == "false"
+    assert doc["param"]["CoworkAgentArgs"] == "--log-level debug"
+    assert doc["param"]["CoworkClaude"] == "true"  # the rest as written
+    assert doc["caCerts"] == {"certs": [pem.read_text()]}
 
 
 def test_the_agent_socket_is_forwarded_into_the_instance_sock_dir(lima_env: LimaEnv) -> None:
