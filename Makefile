@@ -10,7 +10,7 @@ TOOLS := .tools
 PROTO_SRC := $(wildcard proto/cowork/agent/v1/*.proto)
 GEN_DIR := cowork/agent/v1
 
-.PHONY: setup tools proto proto-check proto-lock lint test test-local e2e soak bench bench-quick run clean
+.PHONY: setup tools proto proto-check proto-lock lint test test-local e2e lima-e2e soak bench bench-quick bench-lima run clean
 
 setup: $(VENV)/.stamp tools
 
@@ -45,14 +45,21 @@ lint: $(VENV)/.stamp
 	$(BIN)/vermin --target=3.10- --no-tips --violations --eval-annotations --exclude-regex 'cowork/agent/v1/.*' host_client guest_agent
 
 # Every tier: local (agent subprocess, real CLI, real sshd, real limactl), then
-# the VM tier (a real Debian guest under QEMU reached over virtio-vsock).
-test: test-local e2e
+# the VM tier (a real Debian guest under QEMU reached over virtio-vsock), then the
+# Lima tier (coworkctl init boots lima/cowork.yaml; everything through lima:NAME).
+test: test-local e2e lima-e2e
 
 test-local: setup proto-check lint
-	$(BIN)/pytest -q -m "not vm"
+	$(BIN)/pytest -q -m "not vm and not lima_e2e"
 
 e2e: setup
 	$(BIN)/pytest -q -m vm tests/vm
+
+# The user's path for real: `coworkctl init` boots Lima (TCG here) with a local Debian
+# image, Lima provisions it with lima/, then exec/cp/shell/ask/stop/start/a dead
+# forward/delete through lima:NAME (~17 min on 2 cores under TCG; tests/lima_e2e).
+lima-e2e: setup
+	$(BIN)/pytest -q -m lima_e2e tests/lima_e2e
 
 # Endurance: 10,000 mixed calls per mode against an agent under the unit's fd
 # limit; figures per 1,000 calls in bench/results/soak.json. `make test` runs a
@@ -67,6 +74,11 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run --quick --out bench/results
+
+# Lima: exec latency vs limactl shell / ssh, init to ready, cp vs limactl copy
+# (boots its own VM like the Lima tier; bench/results/lima.md and lima.json).
+bench-lima: setup
+	$(PY) -m bench.lima_latency --out bench/results
 
 # The main job on a machine without a VM: start the embedded local agent and
 # drive it with coworkctl.
