@@ -49,9 +49,15 @@ log = logging.getLogger("cowork.agent")
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Clients ping every 30 s to spot dead links; allow it without data.
+    # Clients ping every 30 s to spot dead links; allow it without data. The
+    # *receiving* side's minimum interval is its own option (default 5 min): without
+    # it, a client's ping while the agent had sent no data for a while (long
+    # commands, a loaded guest) counted as abuse, and grpc cancelled every call in
+    # flight on that connection (50 concurrent execs under load: CANCELLED at 30 s).
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
     ("grpc.so_reuseport", 0),
 ]
 
