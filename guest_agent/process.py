@@ -558,10 +558,9 @@ async def drain(readers: asyncio.Future[Any], watch: PipeWatch, seconds: float) 
     idle for `seconds` (called when nothing of the run is left to write to them)."""
     while not readers.done():
         if watch.stuck(seconds):
+            # Cancelled, the readers settle on a later loop turn: callers must not
+            # read their outcome before (see Run).
             readers.cancel()
-            # A cancelled gather is done only once its children have unwound: callers
-            # read its outcome next (Run's result() raised InvalidStateError under load).
-            await asyncio.wait([readers])
             return
         await asyncio.wait([readers], timeout=0.05)
 
@@ -761,8 +760,8 @@ class ProcessService(pb_grpc.ProcessServicer):
             await clear
             # Nothing of the run is left: a pipe still open is held from outside it.
             await drain(readers, watch, PIPE_DRAIN_SECONDS)
-            if not readers.cancelled():
-                readers.result()  # a read error surfaces
+            if readers.done() and not readers.cancelled():
+                readers.result()  # a read error surfaces (cut readers may still be unwinding)
             work.cancel()  # the process is gone: stdin it did not take never will be
             exit_msg = sp.exit_message(timed_out=timed_out)
         finally:

@@ -9,7 +9,6 @@ that died with its guardian.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from guest_agent.process import PipeWatch, drain, pump
 from host_client import CoworkClient
 from host_client.models import Output, Started
 
@@ -280,21 +278,3 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
-
-
-def test_drain_returns_only_once_the_cancelled_readers_are_done() -> None:
-    """Run reads the readers' outcome right after drain(): it must be settled by then."""
-
-    async def scenario() -> bool:
-        r, w = os.pipe()  # `w` stays open: the pipe never reaches EOF
-        os.set_blocking(r, False)
-        watch = PipeWatch()
-        try:
-            readers = asyncio.gather(pump(r, "stdout", lambda _n, _d: None, watch))
-            await drain(readers, watch, 0.05)
-            return readers.done()
-        finally:
-            os.close(r)
-            os.close(w)
-
-    assert asyncio.run(scenario())
