@@ -72,7 +72,13 @@ def bwrap_works() -> bool:
     probe = [exe, "--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc"]
     probe += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--", "true"]
     try:
-        done = subprocess.run(probe, capture_output=True, timeout=10, check=False)
+        # A session of its own, like a run's: with --unshare-pid, bwrap's box init
+        # outlives the outer bwrap for a moment and is re-parented to the agent (a
+        # subreaper), whose sweep reaps only what is outside the agent's session.
+        # In the agent's session it stayed a zombie for the agent's whole life.
+        done = subprocess.run(
+            probe, capture_output=True, timeout=10, check=False, start_new_session=True
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("bwrap does not work here: %s", exc)
         return False

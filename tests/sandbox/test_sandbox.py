@@ -23,8 +23,8 @@ from host_client import CoworkClient
 from host_client.errors import CoworkError, InvalidArgument
 from host_client.models import Exited, Output
 from tests.conftest import REPO, AgentProc, make_agent, processes_with, wait_until
-from tests.resources import sockets_of
-from tests.sandbox.conftest import ALLOWED, DENIED
+from tests.resources import sockets_of, zombies
+from tests.sandbox.conftest import ALLOWED, DENIED, make_boxed_agent
 
 # The system interpreter: the agent's own (a venv or pyenv under /root) is out of the box's view.
 PY = "/usr/bin/python3"
@@ -466,3 +466,14 @@ def test_an_allowed_name_that_resolves_to_loopback_is_refused(
     finally:
         vm.set_policy(deny="localhost")
     assert r.output.startswith("403") and "non-public address" in r.output, r.output
+
+
+def test_the_agent_keeps_no_zombie_from_its_bwrap_probe(sandbox_user: str) -> None:
+    """Info probes bwrap once; what that leaves behind is reaped like a run's orphans."""
+    agent = make_boxed_agent(sandbox_user)
+    try:
+        with agent.client() as c:
+            assert "sandbox.bwrap" in c.info()["capabilities"]
+        assert wait_until(lambda: not zombies(agent.pid), 5), zombies(agent.pid)
+    finally:
+        agent.stop()
