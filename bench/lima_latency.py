@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = {p: args.calls for p in PATHS}
         counts[PATHS[0]] = counts[INFO] = args.calls * 3  # no process start: more samples
         log("exec `true`, interleaved:")
+        load_before = os.getloadavg()[0]
         lat = latency(host, counts, args.rounds, warmup=3)
         log(f"{args.mib} MiB transfers:")
         tr = transfers(host, args.mib, args.repeat)
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         vm = json.loads(info.stdout) if info.returncode == 0 else {}
         res = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+            "machine": f"{os.cpu_count()} CPUs, 1-min load {load_before:.1f} before the "
+            f"latency run and {os.getloadavg()[0]:.1f} after the transfers",
             "accel": host.accel,
             "vm": f"{vm.get('distro', '?')}, {vm.get('cpus', '?')} vCPUs, Lima 2.2.0 qemu",
             "init_to_ready_s": init_s,
