@@ -95,12 +95,15 @@ def ensure_host_user(name: str = HOST_USER) -> pwd.struct_passwd:
         pass
     if os.geteuid() != 0:
         raise HarnessError(f"the Lima tier runs as root (it creates the host user {name})")
-    subprocess.run(
+    made = subprocess.run(
         ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group", name],
-        check=True,
         capture_output=True,
+        text=True,
     )
-    return pwd.getpwnam(name)
+    try:
+        return pwd.getpwnam(name)  # made now, or by a run of the tier in another checkout
+    except KeyError:
+        raise HarnessError(f"cannot create the host user {name}: {made.stderr.strip()}") from None
 
 
 # -- coworkctl's interpreter for that user ----------------------------------------------
