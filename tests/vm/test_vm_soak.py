@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -108,6 +109,10 @@ def test_guest_agent_returns_every_cgroup_fd_and_child_after_mixed_calls(
 ) -> None:
     for i in range(16):  # warm-up
         _mixed_call(vclient, i)
+    # Calls in parallel grow the agent's lazy thread pools to their bound first.
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda i: vclient.write_file(f"/workspace/warm-{i}.txt", "w"), range(12)))
+        list(pool.map(lambda i: vclient.list_dir("/workspace"), range(12)))
     baseline = _settled(vm, _probe(vm))
     t0 = time.monotonic()
     for i in range(CALLS):
