@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +102,6 @@ def error_message(stderr: str) -> str:
     return first.removeprefix("limactl: ")
 
 
-# Reads one info message of a running limactl; returns a reason to stop it, or None.
-Watch = Callable[[str], str | None]
-
-
 class ProvisionError(LimaError):
     """Provisioning in the guest failed in a way the agent cannot come back from."""
 
@@ -115,27 +112,17 @@ def run_limactl(
     timeout: float | None = 120,
     progress: Progress | None = None,
     input: str | None = None,
-    watch: Watch | None = None,
 ) -> str:
     """Run `limactl --log-format json --tty=false ARGS`; return stdout.
 
     With `progress`, stderr log lines are passed on as they come (info messages).
-    With `watch`, each info message goes to it instead, and a reason it returns
-    stops limactl (SIGTERM) and raises ProvisionError with that reason.
     `input` is written to its stdin. A non-zero exit raises LimaError with
     limactl's own message.
     """
     argv = [limactl_path(), "--log-format", "json", "--tty=false", *args]
     what = f"limactl {' '.join(args[:1])}"
-    if watch is None and progress is not None:
-        show = progress
-
-        def watch(msg: str) -> str | None:
-            show(msg)
-            return None
-
     try:
-        if watch is None or input is not None:
+        if progress is None or input is not None:
             proc = subprocess.run(
                 argv,
                 capture_output=True,
@@ -146,7 +133,7 @@ def run_limactl(
             )
             out, err, code = proc.stdout, proc.stderr, proc.returncode
         else:
-            out, err, code = _run_streaming(argv, timeout, watch)
+            out, err, code = _run_streaming(argv, timeout, progress)
     except subprocess.TimeoutExpired:
         raise LimaError(f"{what} did not finish within {timeout:g}s") from None
     except OSError as exc:
@@ -156,7 +143,9 @@ def run_limactl(
     return out
 
 
-def _run_streaming(argv: list[str], timeout: float | None, watch: Watch) -> tuple[str, str, int]:
+def _run_streaming(
+    argv: list[str], timeout: float | None, progress: Progress
+) -> tuple[str, str, int]:
     with subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -170,13 +159,7 @@ def _run_streaming(argv: list[str], timeout: float | None, watch: Watch) -> tupl
             err_lines.append(line)
             for entry in _log_lines(line):
                 if entry.get("level") == "info" and entry.get("msg"):
-                    reason = watch(str(entry["msg"]))
-                    if reason:
-                        # limactl start only waits for the VM; its host agent (and
-                        # the VM) stay up, for the caller to keep or delete.
-                        proc.terminate()
-                        proc.wait(30)
-                        raise ProvisionError(reason)
+                    progress(str(entry["msg"]))
         out = proc.stdout.read()
         code = proc.wait(timeout=timeout)
     return out, "".join(err_lines), code
@@ -328,47 +311,141 @@ _LIMA_FAILED = re.compile(r"WARNING: Failed to execute (\S+)")
 
 
 class ProvisionWatch:
-    """Follows `limactl start --progress` (Lima tails cloud-init's output, where the
-    provisioning scripts write): passes Lima's own messages and our scripts' lines
-    to `say` (not apt's or npm's noise), and asks to stop at agent.sh's first error.
+    """Reads the guest's provisioning output (cloud-init's log, where Lima's boot script
+    runs our scripts): passes our scripts' lines to `say` (not apt's or npm's noise)
+    and remembers agent.sh's first error in `fatal`.
 
-    Why stop: once agent.sh has failed, the agent cannot come up on this boot, and
-    Lima's readiness probe would retry for 10 minutes (200 x 3 s) before giving up.
-    A failed toolchain or Claude step is reported but not fatal (the agent, and
-    `coworkctl doctor`, still work)."""
+    Why agent.sh's error is fatal: the agent cannot come up on this boot, and Lima's
+    readiness probe would retry for 10 minutes (200 x 3 s) before giving up. A failed
+    toolchain or Claude step is reported but not fatal (the agent, and `coworkctl
+    doctor`, still work)."""
 
     def __init__(self, say: Progress) -> None:
         self.say = say
         self.errors: list[str] = []
-        self._last = ""
+        self.fatal = ""
 
-    def __call__(self, msg: str) -> str | None:
-        if not msg.startswith("[cloud-init] "):
-            self.say(msg)
-            return None
-        # Lima repeats the latest cloud-init line with every later status event.
-        if msg == self._last:
-            return None
-        self._last = msg
-        line = msg.removeprefix("[cloud-init] ")
-        m = _SCRIPT_LINE.search(line)
+    def line(self, text: str) -> bool:
+        """One line of the log; True when it is the fatal one."""
+        m = _SCRIPT_LINE.search(text)
         if m:
-            script, text = m.groups()
-            self.say(f"{script}.sh: {text}")
-            if text.startswith("error: "):
-                self.errors.append(f"{script}.sh: {text.removeprefix('error: ')}")
-                if script == "agent":
-                    return f"provisioning failed in the VM: {self.errors[-1]}"
-        elif _LIMA_FAILED.search(line):
-            self.say(line[line.index("WARNING") :])
-        return None
+            script, said = m.groups()
+            self.say(f"{script}.sh: {said}")
+            if said.startswith("error: "):
+                self.errors.append(f"{script}.sh: {said.removeprefix('error: ')}")
+                if script == "agent" and not self.fatal:
+                    self.fatal = f"provisioning failed in the VM: {self.errors[-1]}"
+                    return True
+        elif _LIMA_FAILED.search(text):
+            self.say(text[text.index("WARNING") :])
+        return False
+
+
+# This boot's part of cloud-init's log: from its last "running 'init-local'" line on.
+_TAIL_THIS_BOOT = (
+    "sh -c 'f=/var/log/cloud-init-output.log; "
+    'b=$(sudo awk "/running .init-local./ {b=NR} END {print (b ? b : 1)}" "$f" 2>/dev/null); '
+    'exec sudo tail -n +"${b:-1}" -F "$f" 2>/dev/null\''
+)
+
+
+class GuestLogTail(threading.Thread):
+    """Follows the booting guest's cloud-init log over SSH (its own connection, not
+    Lima's master) and feeds each line of this boot to `watch`; calls `on_fatal` once
+    the watch says so. Retries until SSH answers; stop() ends it.
+
+    Why not `limactl start --progress`: Lima stops following the log after 10
+    minutes, and a first boot under TCG, or on a slow network, takes longer."""
+
+    def __init__(self, name: str, watch: ProvisionWatch, on_fatal: Callable[[], None]) -> None:
+        super().__init__(name=f"cloud-init log of {name}", daemon=True)
+        self.cfg = defaults.lima_home() / name / "ssh.config"
+        self.host = f"lima-{name}"
+        self.watch = watch
+        self.on_fatal = on_fatal
+        self._stop_event = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
+        self._seen = 0  # lines already handled (a reconnect starts over at this boot)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            if not self.cfg.is_file():
+                self._stop_event.wait(1)
+                continue
+            try:
+                self._proc = subprocess.Popen(
+                    ["ssh", "-F", str(self.cfg), "-o", "ControlMaster=no", "-o", "ControlPath=none",
+                     "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", self.host, _TAIL_THIS_BOOT],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                    errors="replace",
+                )  # fmt: skip
+            except OSError:
+                return  # no ssh: Lima itself will say so
+            assert self._proc.stdout is not None
+            n = 0
+            for text in self._proc.stdout:
+                n += 1
+                if n <= self._seen:
+                    continue
+                self._seen = n
+                if self.watch.line(text.rstrip("\n")):
+                    self.on_fatal()
+            self._proc.wait()
+            self._stop_event.wait(2)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Let lines already on their way arrive (`grace` seconds), then end."""
+        if self.is_alive() and not self._stop_event.is_set():
+            self._stop_event.wait(grace)
+        self._stop_event.set()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+        self.join(10)
 
 
 def start(name: str, progress: Progress | None = None, timeout: str = START_TIMEOUT) -> None:
-    """`limactl start`, following the provisioning (ProvisionWatch); ProvisionError
-    when agent.sh fails, with limactl stopped and the VM left as it is."""
-    watch = ProvisionWatch(progress or (lambda _msg: None))
-    run_limactl(["start", "--progress", f"--timeout={timeout}", name], timeout=None, watch=watch)
+    """`limactl start`, following the provisioning (GuestLogTail + ProvisionWatch):
+    Lima's messages and our scripts' lines go to `progress`. ProvisionError as soon
+    as agent.sh fails, with limactl stopped and the VM left as it is."""
+    say = progress or (lambda _msg: None)
+    watch = ProvisionWatch(say)
+    argv = [limactl_path(), "--log-format", "json", "--tty=false", "start"]
+    argv += [f"--timeout={timeout}", name]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    except OSError as exc:
+        raise LimaError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    # limactl start only waits for the VM: stopping it leaves Lima's host agent (and
+    # the VM) up, for the caller to keep or delete.
+    tail = GuestLogTail(name, watch, on_fatal=proc.terminate)
+    tail.start()
+    err: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            for entry in _log_lines(line):
+                if entry.get("level") == "info" and entry.get("msg"):
+                    say(str(entry["msg"]))
+        code = proc.wait()
+    finally:
+        tail.stop()
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+    if watch.fatal:
+        raise ProvisionError(watch.fatal)
+    if code != 0:
+        raise LimaError(f"limactl start: {error_message(''.join(err))}")
 
 
 def stop(name: str, force: bool = False, progress: Progress | None = None) -> None:
