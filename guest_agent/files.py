@@ -196,7 +196,10 @@ class FilesService(pb_grpc.FilesServicer):
             os.fchown(fd, self.owner.uid, self.owner.gid)
 
     # -- RPCs --------------------------------------------------------------------
-    async def Stat(self, request: pb.StatRequest, context: Context) -> pb.FileInfo:
+    async def Stat(self, request: pb.StatRequest, context: Context) -> pb.StatResponse:
+        return pb.StatResponse(info=self._stat(request))
+
+    def _stat(self, request: pb.StatRequest) -> pb.FileInfo:
         loc = self._locate(request.path)
         try:
             if request.follow_symlinks or loc.is_root:
@@ -396,7 +399,10 @@ class FilesService(pb_grpc.FilesServicer):
                     pass
             _close(pfd)
 
-    async def Symlink(self, request: pb.SymlinkRequest, context: Context) -> pb.FileInfo:
+    async def Symlink(self, request: pb.SymlinkRequest, context: Context) -> pb.SymlinkResponse:
+        return pb.SymlinkResponse(info=self._symlink(request))
+
+    def _symlink(self, request: pb.SymlinkRequest) -> pb.FileInfo:
         loc = self._locate(request.path)
         audit(target=request.target)
         target = request.target
@@ -470,14 +476,17 @@ class FilesService(pb_grpc.FilesServicer):
             _close(pfd)
         return pb.RemoveResponse(removed=True)
 
-    async def MakeDir(self, request: pb.MakeDirRequest, context: Context) -> pb.FileInfo:
+    async def MakeDir(self, request: pb.MakeDirRequest, context: Context) -> pb.MakeDirResponse:
+        return pb.MakeDirResponse(info=self._make_dir(request))
+
+    def _make_dir(self, request: pb.MakeDirRequest) -> pb.FileInfo:
         loc = self._locate(request.path)
         _check_mode(request.mode)
         mode = request.mode or 0o755
         if loc.is_root:
             if not request.exist_ok:
                 raise AgentError(grpc.StatusCode.ALREADY_EXISTS, f"file exists: {request.path}")
-            return await self.Stat(pb.StatRequest(path=request.path), context)
+            return self._stat(pb.StatRequest(path=request.path))
         pfd = -1
         try:
             if request.parents:
@@ -505,7 +514,10 @@ class FilesService(pb_grpc.FilesServicer):
         finally:
             _close(pfd)
 
-    async def Rename(self, request: pb.RenameRequest, context: Context) -> pb.FileInfo:
+    async def Rename(self, request: pb.RenameRequest, context: Context) -> pb.RenameResponse:
+        return pb.RenameResponse(info=self._move(request))
+
+    def _move(self, request: pb.RenameRequest) -> pb.FileInfo:
         src = self._locate(request.source)
         dst = self.paths.locate(request.destination)
         audit(destination=dst.path)

@@ -88,10 +88,10 @@ class PolicyService(pb_grpc.PolicyServicer):
         self.audit_ring = audit_ring
         self.egress_log = egress_log
 
-    def _response(self) -> pb.PolicyResponse:
+    def _document(self) -> pb.PolicyDocument:
         p = self.store.current
         eg = p.egress()
-        return pb.PolicyResponse(
+        return pb.PolicyDocument(
             yaml=p.to_yaml(),
             path=self.store.path or "",
             effective_allow=list(eg.allow),
@@ -99,10 +99,10 @@ class PolicyService(pb_grpc.PolicyServicer):
             sandbox=p.sandbox,
         )
 
-    async def Get(self, request: pb.GetPolicyRequest, context: Context) -> pb.PolicyResponse:
-        return self._response()
+    async def Get(self, request: pb.GetPolicyRequest, context: Context) -> pb.GetPolicyResponse:
+        return pb.GetPolicyResponse(policy=self._document())
 
-    async def Set(self, request: pb.SetPolicyRequest, context: Context) -> pb.PolicyResponse:
+    async def Set(self, request: pb.SetPolicyRequest, context: Context) -> pb.SetPolicyResponse:
         kind = request.WhichOneof("change")
         cur = self.store.current
         try:
@@ -127,7 +127,7 @@ class PolicyService(pb_grpc.PolicyServicer):
         except OSError as exc:
             raise precondition(f"cannot save the policy to {self.store.path}: {exc}") from None
         audit(change=kind, sandbox=new.sandbox, preset=new.preset)
-        return self._response()
+        return pb.SetPolicyResponse(policy=self._document())
 
     async def Logs(self, request: pb.LogsRequest, context: Context) -> AsyncIterator[pb.LogEntry]:
         tail = request.tail or 100

@@ -205,7 +205,9 @@ class AsyncCoworkClient:
         """Describe a guest path; a final symlink itself unless `follow_symlinks`."""
         stub = self._stub("_files")
         req = files_pb2.StatRequest(path=path, follow_symlinks=follow_symlinks)
-        return rq.file_info(await self._call(lambda: stub.Stat(req, metadata=self._metadata)))
+        return rq.file_info(
+            (await self._call(lambda: stub.Stat(req, metadata=self._metadata))).info
+        )
 
     async def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
         stub = self._stub("_files")
@@ -257,12 +259,16 @@ class AsyncCoworkClient:
     async def mkdir(self, path: str, parents: bool = True, exist_ok: bool = True) -> FileInfo:
         stub = self._stub("_files")
         req = files_pb2.MakeDirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        return rq.file_info(await self._call(lambda: stub.MakeDir(req, metadata=self._metadata)))
+        return rq.file_info(
+            (await self._call(lambda: stub.MakeDir(req, metadata=self._metadata))).info
+        )
 
     async def rename(self, source: str, destination: str, overwrite: bool = False) -> FileInfo:
         stub = self._stub("_files")
         req = files_pb2.RenameRequest(source=source, destination=destination, overwrite=overwrite)
-        return rq.file_info(await self._call(lambda: stub.Rename(req, metadata=self._metadata)))
+        return rq.file_info(
+            (await self._call(lambda: stub.Rename(req, metadata=self._metadata))).info
+        )
 
     async def symlink(
         self,
@@ -282,7 +288,9 @@ class AsyncCoworkClient:
             mtime_ns=mtime_ns,
         )
         stub = self._stub("_files")
-        return rq.file_info(await self._call(lambda: stub.Symlink(req, metadata=self._metadata)))
+        return rq.file_info(
+            (await self._call(lambda: stub.Symlink(req, metadata=self._metadata))).info
+        )
 
     async def upload(
         self,

@@ -142,7 +142,9 @@ class CoworkClient:
         """The sandbox policy in force: yaml, path, effective_allow/deny, sandbox."""
         stub = self._stub("_policy")
         return to_dict(
-            self._call(lambda: stub.Get(policy_pb2.GetPolicyRequest(), metadata=self._metadata))
+            self._call(
+                lambda: stub.Get(policy_pb2.GetPolicyRequest(), metadata=self._metadata)
+            ).policy
         )
 
     def set_policy(
@@ -168,7 +170,7 @@ class CoworkClient:
             raise ValueError("set_policy takes exactly one of yaml, allow, deny, preset")
         req = policy_pb2.SetPolicyRequest(**given)
         stub = self._stub("_policy")
-        return to_dict(self._call(lambda: stub.Set(req, metadata=self._metadata)))
+        return to_dict(self._call(lambda: stub.Set(req, metadata=self._metadata)).policy)
 
     def logs(self, net: bool = False, tail: int = 100, follow: bool = False) -> Iterator[str]:
         """The agent's audit log (or egress log with `net`), one JSON object string per entry."""
@@ -320,7 +322,7 @@ class CoworkClient:
         """
         stub = self._stub("_files")
         req = files_pb2.StatRequest(path=path, follow_symlinks=follow_symlinks)
-        return rq.file_info(self._call(lambda: stub.Stat(req, metadata=self._metadata)))
+        return rq.file_info(self._call(lambda: stub.Stat(req, metadata=self._metadata)).info)
 
     def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
         stub = self._stub("_files")
@@ -379,12 +381,12 @@ class CoworkClient:
     def mkdir(self, path: str, parents: bool = True, exist_ok: bool = True) -> FileInfo:
         stub = self._stub("_files")
         req = files_pb2.MakeDirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        return rq.file_info(self._call(lambda: stub.MakeDir(req, metadata=self._metadata)))
+        return rq.file_info(self._call(lambda: stub.MakeDir(req, metadata=self._metadata)).info)
 
     def rename(self, source: str, destination: str, overwrite: bool = False) -> FileInfo:
         stub = self._stub("_files")
         req = files_pb2.RenameRequest(source=source, destination=destination, overwrite=overwrite)
-        return rq.file_info(self._call(lambda: stub.Rename(req, metadata=self._metadata)))
+        return rq.file_info(self._call(lambda: stub.Rename(req, metadata=self._metadata)).info)
 
     def symlink(
         self,
@@ -408,7 +410,7 @@ class CoworkClient:
             mtime_ns=mtime_ns,
         )
         stub = self._stub("_files")
-        return rq.file_info(self._call(lambda: stub.Symlink(req, metadata=self._metadata)))
+        return rq.file_info(self._call(lambda: stub.Symlink(req, metadata=self._metadata)).info)
 
     def upload(
         self,

@@ -24,45 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63owork/agent/v1/files.proto\x12\x0f\x63owork.agent.v1\"\xc5\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x04type\x18\x03 \x01(\x0e\x32\x19.cowork.agent.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12\x10\n\x08mtime_ns\x18\x06 \x01(\x03\x12\x16\n\x0esymlink_target\x18\x07 \x01(\t\x12\x0f\n\x07special\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\x04\x12\r\n\x05inode\x18\n \x01(\x04\"4\n\x0bStatRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0f\x66ollow_symlinks\x18\x02 \x01(\x08\"=\n\x0bListRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\r\":\n\x0cListResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.cowork.agent.v1.FileInfo\"O\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"P\n\x0cReadResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg\"f\n\x0bWriteHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x16\n\x0e\x63reate_parents\x18\x03 \x01(\x08\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\x10\n\x08mtime_ns\x18\x05 \x01(\x03\"4\n\x0bWriteCommit\x12\x15\n\rexpected_size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x85\x01\n\x0cWriteRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.WriteHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1c.cowork.agent.v1.WriteCommitH\x00\x42\x05\n\x03msg\"_\n\rWriteResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfo\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"D\n\rRemoveRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\x12\x12\n\nmissing_ok\x18\x03 \x01(\x08\"!\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"O\n\x0eMakeDirRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x10\n\x08\x65xist_ok\x18\x04 \x01(\x08\"G\n\rRenameRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"k\n\x0eSymlinkRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x16\n\x0e\x63reate_parents\x18\x03 \x01(\x08\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\x10\n\x08mtime_ns\x18\x05 \x01(\x03*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04\x32\xbc\x04\n\x05\x46iles\x12?\n\x04Stat\x12\x1c.cowork.agent.v1.StatRequest\x1a\x19.cowork.agent.v1.FileInfo\x12\x43\n\x04List\x12\x1c.cowork.agent.v1.ListRequest\x1a\x1d.cowork.agent.v1.ListResponse\x12\x45\n\x04Read\x12\x1c.cowork.agent.v1.ReadRequest\x1a\x1d.cowork.agent.v1.ReadResponse0\x01\x12H\n\x05Write\x12\x1d.cowork.agent.v1.WriteRequest\x1a\x1e.cowork.agent.v1.WriteResponse(\x01\x12I\n\x06Remove\x12\x1e.cowork.agent.v1.RemoveRequest\x1a\x1f.cowork.agent.v1.RemoveResponse\x12\x45\n\x07MakeDir\x12\x1f.cowork.agent.v1.MakeDirRequest\x1a\x19.cowork.agent.v1.FileInfo\x12\x43\n\x06Rename\x12\x1e.cowork.agent.v1.RenameRequest\x1a\x19.cowork.agent.v1.FileInfo\x12\x45\n\x07Symlink\x12\x1f.cowork.agent.v1.SymlinkRequest\x1a\x19.cowork.agent.v1.FileInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63owork/agent/v1/files.proto\x12\x0f\x63owork.agent.v1\"\xc5\x01\n\x08\x46ileInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x04type\x18\x03 \x01(\x0e\x32\x19.cowork.agent.v1.FileType\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04mode\x18\x05 \x01(\r\x12\x10\n\x08mtime_ns\x18\x06 \x01(\x03\x12\x16\n\x0esymlink_target\x18\x07 \x01(\t\x12\x0f\n\x07special\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\x04\x12\r\n\x05inode\x18\n \x01(\x04\"4\n\x0bStatRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0f\x66ollow_symlinks\x18\x02 \x01(\x08\"7\n\x0cStatResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfo\"=\n\x0bListRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\r\":\n\x0cListResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.cowork.agent.v1.FileInfo\"O\n\x0bReadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x12\n\nchunk_size\x18\x04 \x01(\r\"P\n\x0cReadResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfoH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x05\n\x03msg\"f\n\x0bWriteHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x16\n\x0e\x63reate_parents\x18\x03 \x01(\x08\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\x10\n\x08mtime_ns\x18\x05 \x01(\x03\"4\n\x0bWriteCommit\x12\x15\n\rexpected_size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x85\x01\n\x0cWriteRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.WriteHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1c.cowork.agent.v1.WriteCommitH\x00\x42\x05\n\x03msg\"_\n\rWriteResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfo\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"D\n\rRemoveRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\trecursive\x18\x02 \x01(\x08\x12\x12\n\nmissing_ok\x18\x03 \x01(\x08\"!\n\x0eRemoveResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"O\n\x0eMakeDirRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07parents\x18\x02 \x01(\x08\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x10\n\x08\x65xist_ok\x18\x04 \x01(\x08\":\n\x0fMakeDirResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfo\"G\n\rRenameRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"9\n\x0eRenameResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfo\"k\n\x0eSymlinkRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x16\n\x0e\x63reate_parents\x18\x03 \x01(\x08\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\x10\n\x08mtime_ns\x18\x05 \x01(\x03\":\n\x0fSymlinkResponse\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.cowork.agent.v1.FileInfo*~\n\x08\x46ileType\x12\x19\n\x15\x46ILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ILE_TYPE_FILE\x10\x01\x12\x17\n\x13\x46ILE_TYPE_DIRECTORY\x10\x02\x12\x15\n\x11\x46ILE_TYPE_SYMLINK\x10\x03\x12\x13\n\x0f\x46ILE_TYPE_OTHER\x10\x04\x32\xd4\x04\n\x05\x46iles\x12\x43\n\x04Stat\x12\x1c.cowork.agent.v1.StatRequest\x1a\x1d.cowork.agent.v1.StatResponse\x12\x43\n\x04List\x12\x1c.cowork.agent.v1.ListRequest\x1a\x1d.cowork.agent.v1.ListResponse\x12\x45\n\x04Read\x12\x1c.cowork.agent.v1.ReadRequest\x1a\x1d.cowork.agent.v1.ReadResponse0\x01\x12H\n\x05Write\x12\x1d.cowork.agent.v1.WriteRequest\x1a\x1e.cowork.agent.v1.WriteResponse(\x01\x12I\n\x06Remove\x12\x1e.cowork.agent.v1.RemoveRequest\x1a\x1f.cowork.agent.v1.RemoveResponse\x12L\n\x07MakeDir\x12\x1f.cowork.agent.v1.MakeDirRequest\x1a .cowork.agent.v1.MakeDirResponse\x12I\n\x06Rename\x12\x1e.cowork.agent.v1.RenameRequest\x1a\x1f.cowork.agent.v1.RenameResponse\x12L\n\x07Symlink\x12\x1f.cowork.agent.v1.SymlinkRequest\x1a .cowork.agent.v1.SymlinkResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cowork.agent.v1.files_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILETYPE']._serialized_start=1347
-  _globals['_FILETYPE']._serialized_end=1473
+  _globals['_FILETYPE']._serialized_start=1583
+  _globals['_FILETYPE']._serialized_end=1709
   _globals['_FILEINFO']._serialized_start=49
   _globals['_FILEINFO']._serialized_end=246
   _globals['_STATREQUEST']._serialized_start=248
   _globals['_STATREQUEST']._serialized_end=300
-  _globals['_LISTREQUEST']._serialized_start=302
-  _globals['_LISTREQUEST']._serialized_end=363
-  _globals['_LISTRESPONSE']._serialized_start=365
-  _globals['_LISTRESPONSE']._serialized_end=423
-  _globals['_READREQUEST']._serialized_start=425
-  _globals['_READREQUEST']._serialized_end=504
-  _globals['_READRESPONSE']._serialized_start=506
-  _globals['_READRESPONSE']._serialized_end=586
-  _globals['_WRITEHEADER']._serialized_start=588
-  _globals['_WRITEHEADER']._serialized_end=690
-  _globals['_WRITECOMMIT']._serialized_start=692
-  _globals['_WRITECOMMIT']._serialized_end=744
-  _globals['_WRITEREQUEST']._serialized_start=747
-  _globals['_WRITEREQUEST']._serialized_end=880
-  _globals['_WRITERESPONSE']._serialized_start=882
-  _globals['_WRITERESPONSE']._serialized_end=977
-  _globals['_REMOVEREQUEST']._serialized_start=979
-  _globals['_REMOVEREQUEST']._serialized_end=1047
-  _globals['_REMOVERESPONSE']._serialized_start=1049
-  _globals['_REMOVERESPONSE']._serialized_end=1082
-  _globals['_MAKEDIRREQUEST']._serialized_start=1084
-  _globals['_MAKEDIRREQUEST']._serialized_end=1163
-  _globals['_RENAMEREQUEST']._serialized_start=1165
-  _globals['_RENAMEREQUEST']._serialized_end=1236
-  _globals['_SYMLINKREQUEST']._serialized_start=1238
-  _globals['_SYMLINKREQUEST']._serialized_end=1345
-  _globals['_FILES']._serialized_start=1476
-  _globals['_FILES']._serialized_end=2048
+  _globals['_STATRESPONSE']._serialized_start=302
+  _globals['_STATRESPONSE']._serialized_end=357
+  _globals['_LISTREQUEST']._serialized_start=359
+  _globals['_LISTREQUEST']._serialized_end=420
+  _globals['_LISTRESPONSE']._serialized_start=422
+  _globals['_LISTRESPONSE']._serialized_end=480
+  _globals['_READREQUEST']._serialized_start=482
+  _globals['_READREQUEST']._serialized_end=561
+  _globals['_READRESPONSE']._serialized_start=563
+  _globals['_READRESPONSE']._serialized_end=643
+  _globals['_WRITEHEADER']._serialized_start=645
+  _globals['_WRITEHEADER']._serialized_end=747
+  _globals['_WRITECOMMIT']._serialized_start=749
+  _globals['_WRITECOMMIT']._serialized_end=801
+  _globals['_WRITEREQUEST']._serialized_start=804
+  _globals['_WRITEREQUEST']._serialized_end=937
+  _globals['_WRITERESPONSE']._serialized_start=939
+  _globals['_WRITERESPONSE']._serialized_end=1034
+  _globals['_REMOVEREQUEST']._serialized_start=1036
+  _globals['_REMOVEREQUEST']._serialized_end=1104
+  _globals['_REMOVERESPONSE']._serialized_start=1106
+  _globals['_REMOVERESPONSE']._serialized_end=1139
+  _globals['_MAKEDIRREQUEST']._serialized_start=1141
+  _globals['_MAKEDIRREQUEST']._serialized_end=1220
+  _globals['_MAKEDIRRESPONSE']._serialized_start=1222
+  _globals['_MAKEDIRRESPONSE']._serialized_end=1280
+  _globals['_RENAMEREQUEST']._serialized_start=1282
+  _globals['_RENAMEREQUEST']._serialized_end=1353
+  _globals['_RENAMERESPONSE']._serialized_start=1355
+  _globals['_RENAMERESPONSE']._serialized_end=1412
+  _globals['_SYMLINKREQUEST']._serialized_start=1414
+  _globals['_SYMLINKREQUEST']._serialized_end=1521
+  _globals['_SYMLINKRESPONSE']._serialized_start=1523
+  _globals['_SYMLINKRESPONSE']._serialized_end=1581
+  _globals['_FILES']._serialized_start=1712
+  _globals['_FILES']._serialized_end=2308
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class FilesStub:
         self.Stat = channel.unary_unary(
                 '/cowork.agent.v1.Files/Stat',
                 request_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.StatRequest.SerializeToString,
-                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.StatResponse.FromString,
                 _registered_method=True)
         self.List = channel.unary_unary(
                 '/cowork.agent.v1.Files/List',
@@ -62,17 +62,17 @@ class FilesStub:
         self.MakeDir = channel.unary_unary(
                 '/cowork.agent.v1.Files/MakeDir',
                 request_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.MakeDirRequest.SerializeToString,
-                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.MakeDirResponse.FromString,
                 _registered_method=True)
         self.Rename = channel.unary_unary(
                 '/cowork.agent.v1.Files/Rename',
                 request_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.RenameRequest.SerializeToString,
-                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.RenameResponse.FromString,
                 _registered_method=True)
         self.Symlink = channel.unary_unary(
                 '/cowork.agent.v1.Files/Symlink',
                 request_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkRequest.SerializeToString,
-                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkResponse.FromString,
                 _registered_method=True)
 
 
@@ -143,7 +143,7 @@ def add_FilesServicer_to_server(servicer, server):
             'Stat': grpc.unary_unary_rpc_method_handler(
                     servicer.Stat,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.StatRequest.FromString,
-                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.StatResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -168,17 +168,17 @@ def add_FilesServicer_to_server(servicer, server):
             'MakeDir': grpc.unary_unary_rpc_method_handler(
                     servicer.MakeDir,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.MakeDirRequest.FromString,
-                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.MakeDirResponse.SerializeToString,
             ),
             'Rename': grpc.unary_unary_rpc_method_handler(
                     servicer.Rename,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.RenameRequest.FromString,
-                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.RenameResponse.SerializeToString,
             ),
             'Symlink': grpc.unary_unary_rpc_method_handler(
                     servicer.Symlink,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkRequest.FromString,
-                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.SerializeToString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,7 +207,7 @@ class Files:
             target,
             '/cowork.agent.v1.Files/Stat',
             cowork_dot_agent_dot_v1_dot_files__pb2.StatRequest.SerializeToString,
-            cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+            cowork_dot_agent_dot_v1_dot_files__pb2.StatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -342,7 +342,7 @@ class Files:
             target,
             '/cowork.agent.v1.Files/MakeDir',
             cowork_dot_agent_dot_v1_dot_files__pb2.MakeDirRequest.SerializeToString,
-            cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+            cowork_dot_agent_dot_v1_dot_files__pb2.MakeDirResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -369,7 +369,7 @@ class Files:
             target,
             '/cowork.agent.v1.Files/Rename',
             cowork_dot_agent_dot_v1_dot_files__pb2.RenameRequest.SerializeToString,
-            cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+            cowork_dot_agent_dot_v1_dot_files__pb2.RenameResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -396,7 +396,7 @@ class Files:
             target,
             '/cowork.agent.v1.Files/Symlink',
             cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkRequest.SerializeToString,
-            cowork_dot_agent_dot_v1_dot_files__pb2.FileInfo.FromString,
+            cowork_dot_agent_dot_v1_dot_files__pb2.SymlinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

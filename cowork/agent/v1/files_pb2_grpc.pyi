@@ -46,7 +46,7 @@ class FilesStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FilesAsyncStub: ...
-    Stat: _grpc.UnaryUnaryMultiCallable[_files_pb2.StatRequest, _files_pb2.FileInfo]
+    Stat: _grpc.UnaryUnaryMultiCallable[_files_pb2.StatRequest, _files_pb2.StatResponse]
     List: _grpc.UnaryUnaryMultiCallable[_files_pb2.ListRequest, _files_pb2.ListResponse]
     """List a directory (optionally recursively); entries sorted by path."""
     Read: _grpc.UnaryStreamMultiCallable[_files_pb2.ReadRequest, _files_pb2.ReadResponse]
@@ -59,9 +59,9 @@ class FilesStub:
     and no temporary file behind.
     """
     Remove: _grpc.UnaryUnaryMultiCallable[_files_pb2.RemoveRequest, _files_pb2.RemoveResponse]
-    MakeDir: _grpc.UnaryUnaryMultiCallable[_files_pb2.MakeDirRequest, _files_pb2.FileInfo]
-    Rename: _grpc.UnaryUnaryMultiCallable[_files_pb2.RenameRequest, _files_pb2.FileInfo]
-    Symlink: _grpc.UnaryUnaryMultiCallable[_files_pb2.SymlinkRequest, _files_pb2.FileInfo]
+    MakeDir: _grpc.UnaryUnaryMultiCallable[_files_pb2.MakeDirRequest, _files_pb2.MakeDirResponse]
+    Rename: _grpc.UnaryUnaryMultiCallable[_files_pb2.RenameRequest, _files_pb2.RenameResponse]
+    Symlink: _grpc.UnaryUnaryMultiCallable[_files_pb2.SymlinkRequest, _files_pb2.SymlinkResponse]
     """Create a symlink (atomically: a temporary link renamed into place). The
     target is stored as given and may point anywhere; the agent itself never
     follows it out of the root (see above).
@@ -70,7 +70,7 @@ class FilesStub:
 @_typing.type_check_only
 class FilesAsyncStub(FilesStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Stat: _aio.UnaryUnaryMultiCallable[_files_pb2.StatRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
+    Stat: _aio.UnaryUnaryMultiCallable[_files_pb2.StatRequest, _files_pb2.StatResponse]  # type: ignore[assignment]
     List: _aio.UnaryUnaryMultiCallable[_files_pb2.ListRequest, _files_pb2.ListResponse]  # type: ignore[assignment]
     """List a directory (optionally recursively); entries sorted by path."""
     Read: _aio.UnaryStreamMultiCallable[_files_pb2.ReadRequest, _files_pb2.ReadResponse]  # type: ignore[assignment]
@@ -83,9 +83,9 @@ class FilesAsyncStub(FilesStub):
     and no temporary file behind.
     """
     Remove: _aio.UnaryUnaryMultiCallable[_files_pb2.RemoveRequest, _files_pb2.RemoveResponse]  # type: ignore[assignment]
-    MakeDir: _aio.UnaryUnaryMultiCallable[_files_pb2.MakeDirRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
-    Rename: _aio.UnaryUnaryMultiCallable[_files_pb2.RenameRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
-    Symlink: _aio.UnaryUnaryMultiCallable[_files_pb2.SymlinkRequest, _files_pb2.FileInfo]  # type: ignore[assignment]
+    MakeDir: _aio.UnaryUnaryMultiCallable[_files_pb2.MakeDirRequest, _files_pb2.MakeDirResponse]  # type: ignore[assignment]
+    Rename: _aio.UnaryUnaryMultiCallable[_files_pb2.RenameRequest, _files_pb2.RenameResponse]  # type: ignore[assignment]
+    Symlink: _aio.UnaryUnaryMultiCallable[_files_pb2.SymlinkRequest, _files_pb2.SymlinkResponse]  # type: ignore[assignment]
     """Create a symlink (atomically: a temporary link renamed into place). The
     target is stored as given and may point anywhere; the agent itself never
     follows it out of the root (see above).
@@ -97,7 +97,7 @@ class FilesServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _files_pb2.StatRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]: ...
+    ) -> _typing.Union[_files_pb2.StatResponse, _abc.Awaitable[_files_pb2.StatResponse]]: ...
 
     @_abc_1.abstractmethod
     def List(
@@ -140,21 +140,21 @@ class FilesServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _files_pb2.MakeDirRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]: ...
+    ) -> _typing.Union[_files_pb2.MakeDirResponse, _abc.Awaitable[_files_pb2.MakeDirResponse]]: ...
 
     @_abc_1.abstractmethod
     def Rename(
         self,
         request: _files_pb2.RenameRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]: ...
+    ) -> _typing.Union[_files_pb2.RenameResponse, _abc.Awaitable[_files_pb2.RenameResponse]]: ...
 
     @_abc_1.abstractmethod
     def Symlink(
         self,
         request: _files_pb2.SymlinkRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_files_pb2.FileInfo, _abc.Awaitable[_files_pb2.FileInfo]]:
+    ) -> _typing.Union[_files_pb2.SymlinkResponse, _abc.Awaitable[_files_pb2.SymlinkResponse]]:
         """Create a symlink (atomically: a temporary link renamed into place). The
         target is stored as given and may point anywhere; the agent itself never
         follows it out of the root (see above).

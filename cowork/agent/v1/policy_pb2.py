@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63owork/agent/v1/policy.proto\x12\x0f\x63owork.agent.v1\"\x12\n\x10GetPolicyRequest\"m\n\x10SetPolicyRequest\x12\x0e\n\x04yaml\x18\x01 \x01(\tH\x00\x12\x16\n\x0c\x61llow_domain\x18\x02 \x01(\tH\x00\x12\x15\n\x0b\x64\x65ny_domain\x18\x03 \x01(\tH\x00\x12\x10\n\x06preset\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x63hange\"n\n\x0ePolicyResponse\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_allow\x18\x03 \x03(\t\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_deny\x18\x04 \x03(\t\x12\x0f\n\x07sandbox\x18\x05 \x01(\t\"S\n\x0bLogsRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.cowork.agent.v1.LogKind\x12\x0c\n\x04tail\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"\x18\n\x08LogEntry\x12\x0c\n\x04json\x18\x01 \x01(\t*L\n\x07LogKind\x12\x18\n\x14LOG_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eLOG_KIND_AUDIT\x10\x01\x12\x13\n\x0fLOG_KIND_EGRESS\x10\x02\x32\xe1\x01\n\x06Policy\x12I\n\x03Get\x12!.cowork.agent.v1.GetPolicyRequest\x1a\x1f.cowork.agent.v1.PolicyResponse\x12I\n\x03Set\x12!.cowork.agent.v1.SetPolicyRequest\x1a\x1f.cowork.agent.v1.PolicyResponse\x12\x41\n\x04Logs\x12\x1c.cowork.agent.v1.LogsRequest\x1a\x19.cowork.agent.v1.LogEntry0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63owork/agent/v1/policy.proto\x12\x0f\x63owork.agent.v1\"\x12\n\x10GetPolicyRequest\"m\n\x10SetPolicyRequest\x12\x0e\n\x04yaml\x18\x01 \x01(\tH\x00\x12\x16\n\x0c\x61llow_domain\x18\x02 \x01(\tH\x00\x12\x15\n\x0b\x64\x65ny_domain\x18\x03 \x01(\tH\x00\x12\x10\n\x06preset\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x63hange\"D\n\x11GetPolicyResponse\x12/\n\x06policy\x18\x01 \x01(\x0b\x32\x1f.cowork.agent.v1.PolicyDocument\"D\n\x11SetPolicyResponse\x12/\n\x06policy\x18\x01 \x01(\x0b\x32\x1f.cowork.agent.v1.PolicyDocument\"n\n\x0ePolicyDocument\x12\x0c\n\x04yaml\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0f\x65\x66\x66\x65\x63tive_allow\x18\x03 \x03(\t\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_deny\x18\x04 \x03(\t\x12\x0f\n\x07sandbox\x18\x05 \x01(\t\"S\n\x0bLogsRequest\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.cowork.agent.v1.LogKind\x12\x0c\n\x04tail\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"\x18\n\x08LogEntry\x12\x0c\n\x04json\x18\x01 \x01(\t*L\n\x07LogKind\x12\x18\n\x14LOG_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eLOG_KIND_AUDIT\x10\x01\x12\x13\n\x0fLOG_KIND_EGRESS\x10\x02\x32\xe7\x01\n\x06Policy\x12L\n\x03Get\x12!.cowork.agent.v1.GetPolicyRequest\x1a\".cowork.agent.v1.GetPolicyResponse\x12L\n\x03Set\x12!.cowork.agent.v1.SetPolicyRequest\x1a\".cowork.agent.v1.SetPolicyResponse\x12\x41\n\x04Logs\x12\x1c.cowork.agent.v1.LogsRequest\x1a\x19.cowork.agent.v1.LogEntry0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cowork.agent.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGKIND']._serialized_start=403
-  _globals['_LOGKIND']._serialized_end=479
+  _globals['_LOGKIND']._serialized_start=543
+  _globals['_LOGKIND']._serialized_end=619
   _globals['_GETPOLICYREQUEST']._serialized_start=49
   _globals['_GETPOLICYREQUEST']._serialized_end=67
   _globals['_SETPOLICYREQUEST']._serialized_start=69
   _globals['_SETPOLICYREQUEST']._serialized_end=178
-  _globals['_POLICYRESPONSE']._serialized_start=180
-  _globals['_POLICYRESPONSE']._serialized_end=290
-  _globals['_LOGSREQUEST']._serialized_start=292
-  _globals['_LOGSREQUEST']._serialized_end=375
-  _globals['_LOGENTRY']._serialized_start=377
-  _globals['_LOGENTRY']._serialized_end=401
-  _globals['_POLICY']._serialized_start=482
-  _globals['_POLICY']._serialized_end=707
+  _globals['_GETPOLICYRESPONSE']._serialized_start=180
+  _globals['_GETPOLICYRESPONSE']._serialized_end=248
+  _globals['_SETPOLICYRESPONSE']._serialized_start=250
+  _globals['_SETPOLICYRESPONSE']._serialized_end=318
+  _globals['_POLICYDOCUMENT']._serialized_start=320
+  _globals['_POLICYDOCUMENT']._serialized_end=430
+  _globals['_LOGSREQUEST']._serialized_start=432
+  _globals['_LOGSREQUEST']._serialized_end=515
+  _globals['_LOGENTRY']._serialized_start=517
+  _globals['_LOGENTRY']._serialized_end=541
+  _globals['_POLICY']._serialized_start=622
+  _globals['_POLICY']._serialized_end=853
 # @@protoc_insertion_point(module_scope)

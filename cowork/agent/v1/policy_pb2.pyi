@@ -100,7 +100,51 @@ class SetPolicyRequest(_message.Message):
 Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015
 
 @_typing.final
-class PolicyResponse(_message.Message):
+class GetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___PolicyDocument: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___PolicyDocument | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyResponse: _TypeAlias = GetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class SetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___PolicyDocument:
+        """The policy in force after the change."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___PolicyDocument | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyResponse: _TypeAlias = SetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class PolicyDocument(_message.Message):
+    """The policy in force and what it means."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     YAML_FIELD_NUMBER: _builtins.int
@@ -109,7 +153,7 @@ class PolicyResponse(_message.Message):
     EFFECTIVE_DENY_FIELD_NUMBER: _builtins.int
     SANDBOX_FIELD_NUMBER: _builtins.int
     yaml: _builtins.str
-    """The policy in force, as YAML."""
+    """The policy, as YAML."""
     path: _builtins.str
     """Where it is stored (empty: built-in default, not persisted)."""
     sandbox: _builtins.str
@@ -134,7 +178,7 @@ class PolicyResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PolicyResponse: _TypeAlias = PolicyResponse  # noqa: Y015
+Global___PolicyDocument: _TypeAlias = PolicyDocument  # noqa: Y015
 
 @_typing.final
 class LogsRequest(_message.Message):

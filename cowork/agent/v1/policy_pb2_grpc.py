@@ -37,12 +37,12 @@ class PolicyStub:
         self.Get = channel.unary_unary(
                 '/cowork.agent.v1.Policy/Get',
                 request_serializer=cowork_dot_agent_dot_v1_dot_policy__pb2.GetPolicyRequest.SerializeToString,
-                response_deserializer=cowork_dot_agent_dot_v1_dot_policy__pb2.PolicyResponse.FromString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_policy__pb2.GetPolicyResponse.FromString,
                 _registered_method=True)
         self.Set = channel.unary_unary(
                 '/cowork.agent.v1.Policy/Set',
                 request_serializer=cowork_dot_agent_dot_v1_dot_policy__pb2.SetPolicyRequest.SerializeToString,
-                response_deserializer=cowork_dot_agent_dot_v1_dot_policy__pb2.PolicyResponse.FromString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_policy__pb2.SetPolicyResponse.FromString,
                 _registered_method=True)
         self.Logs = channel.unary_stream(
                 '/cowork.agent.v1.Policy/Logs',
@@ -80,12 +80,12 @@ def add_PolicyServicer_to_server(servicer, server):
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_policy__pb2.GetPolicyRequest.FromString,
-                    response_serializer=cowork_dot_agent_dot_v1_dot_policy__pb2.PolicyResponse.SerializeToString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_policy__pb2.GetPolicyResponse.SerializeToString,
             ),
             'Set': grpc.unary_unary_rpc_method_handler(
                     servicer.Set,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_policy__pb2.SetPolicyRequest.FromString,
-                    response_serializer=cowork_dot_agent_dot_v1_dot_policy__pb2.PolicyResponse.SerializeToString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_policy__pb2.SetPolicyResponse.SerializeToString,
             ),
             'Logs': grpc.unary_stream_rpc_method_handler(
                     servicer.Logs,
@@ -119,7 +119,7 @@ class Policy:
             target,
             '/cowork.agent.v1.Policy/Get',
             cowork_dot_agent_dot_v1_dot_policy__pb2.GetPolicyRequest.SerializeToString,
-            cowork_dot_agent_dot_v1_dot_policy__pb2.PolicyResponse.FromString,
+            cowork_dot_agent_dot_v1_dot_policy__pb2.GetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,7 +146,7 @@ class Policy:
             target,
             '/cowork.agent.v1.Policy/Set',
             cowork_dot_agent_dot_v1_dot_policy__pb2.SetPolicyRequest.SerializeToString,
-            cowork_dot_agent_dot_v1_dot_policy__pb2.PolicyResponse.FromString,
+            cowork_dot_agent_dot_v1_dot_policy__pb2.SetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,8 +39,8 @@ class PolicyStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PolicyAsyncStub: ...
-    Get: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.PolicyResponse]
-    Set: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetPolicyRequest, _policy_pb2.PolicyResponse]
+    Get: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.GetPolicyResponse]
+    Set: _grpc.UnaryUnaryMultiCallable[_policy_pb2.SetPolicyRequest, _policy_pb2.SetPolicyResponse]
     """Replace the whole policy (the YAML text), or edit it with one operation."""
     Logs: _grpc.UnaryStreamMultiCallable[_policy_pb2.LogsRequest, _policy_pb2.LogEntry]
     """Stream the RPC audit log or the egress log (one JSON object per entry)."""
@@ -48,8 +48,8 @@ class PolicyStub:
 @_typing.type_check_only
 class PolicyAsyncStub(PolicyStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Get: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.PolicyResponse]  # type: ignore[assignment]
-    Set: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetPolicyRequest, _policy_pb2.PolicyResponse]  # type: ignore[assignment]
+    Get: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.GetPolicyResponse]  # type: ignore[assignment]
+    Set: _aio.UnaryUnaryMultiCallable[_policy_pb2.SetPolicyRequest, _policy_pb2.SetPolicyResponse]  # type: ignore[assignment]
     """Replace the whole policy (the YAML text), or edit it with one operation."""
     Logs: _aio.UnaryStreamMultiCallable[_policy_pb2.LogsRequest, _policy_pb2.LogEntry]  # type: ignore[assignment]
     """Stream the RPC audit log or the egress log (one JSON object per entry)."""
@@ -60,14 +60,14 @@ class PolicyServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _policy_pb2.GetPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.PolicyResponse, _abc.Awaitable[_policy_pb2.PolicyResponse]]: ...
+    ) -> _typing.Union[_policy_pb2.GetPolicyResponse, _abc.Awaitable[_policy_pb2.GetPolicyResponse]]: ...
 
     @_abc_1.abstractmethod
     def Set(
         self,
         request: _policy_pb2.SetPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.PolicyResponse, _abc.Awaitable[_policy_pb2.PolicyResponse]]:
+    ) -> _typing.Union[_policy_pb2.SetPolicyResponse, _abc.Awaitable[_policy_pb2.SetPolicyResponse]]:
         """Replace the whole policy (the YAML text), or edit it with one operation."""
 
     @_abc_1.abstractmethod
