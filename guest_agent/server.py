@@ -25,12 +25,15 @@ from cowork.agent.v1 import (
     process_pb2,
     process_pb2_grpc,
 )
+from cowork.dataplane import CAPABILITY as DATA_PLANE_CAPABILITY
+from cowork.dataplane import data_socket_path
 from cowork.defaults import MAX_MESSAGE_BYTES
 
 from . import claude, listeners, reaper
 from . import policy as pol
 from .cgroups import Cgroups
 from .config import AgentConfig
+from .dataplane import DataPlane, UnixDataListener
 from .egress import EgressLog, EgressProxy, public_resolver
 from .errors import AgentError
 from .files import FilesService
@@ -147,6 +150,8 @@ class AgentServer:
         caps = list(CAPABILITIES)
         if any(x.kind == "vsock" for x in self.listens):
             caps.append("listen.vsock")
+        if any(x.kind in ("unix", "vsock") for x in self.listens):
+            caps.append(DATA_PLANE_CAPABILITY)
         if self.sandbox.cgroups is not None and self.sandbox.cgroups.available:
             caps.append("limits.cgroup2")
         self.agent = AgentService(self.paths, [str(x) for x in self.listens], caps)
@@ -157,12 +162,13 @@ class AgentServer:
         process_pb2_grpc.add_ProcessServicer_to_server(
             ProcessService(self.paths, cfg.kill_grace, self.sandbox), self.server
         )
-        files_pb2_grpc.add_FilesServicer_to_server(
-            FilesService(
-                self.paths, owner=self.identity.user if self.identity.mode == "user" else None
-            ),
-            self.server,
+        files = FilesService(
+            self.paths, owner=self.identity.user if self.identity.mode == "user" else None
         )
+        files_pb2_grpc.add_FilesServicer_to_server(files, self.server)
+        # File bytes on connections of their own (guest_agent/dataplane.py).
+        self.dataplane = DataPlane(files, cfg.token)
+        self.data_listeners: list[UnixDataListener] = []
         policy_pb2_grpc.add_PolicyServicer_to_server(
             PolicyService(self.policy, self.audit_ring, self.egress_log), self.server
         )
@@ -212,17 +218,29 @@ class AgentServer:
                 listeners.prepare_unix(listen.path, self.cfg.socket_group)
             if listen.kind in ("unix", "tcp"):
                 listeners.bind(self.server, listen)
+            if listen.kind == "unix":
+                data_path = data_socket_path(listen.path)
+                listeners.prepare_unix(data_path, self.cfg.socket_group)
+                self.data_listeners.append(UnixDataListener(self.dataplane, data_path))
         vsocks = [x for x in self.listens if x.kind == "vsock"]
         if vsocks:
             from . import vsock
 
-            self.relays = await vsock.start_relays(self.server, vsocks, self.cfg.vsock_peer_cids)
+            self.relays = await vsock.start_relays(
+                self.server,
+                vsocks,
+                self.cfg.vsock_peer_cids,
+                divert=lambda conn, addr: self.dataplane.serve(conn, f"vsock:{addr}"),
+            )
         # Subreaper, guardian and a previous life's leftovers: before any run can start.
         reaper.REAPER.install(reaper.state_file_for(self.cfg.listen, reaper.default_run_dir()))
         await self.server.start()
         for listen in self.listens:
             if listen.kind == "unix":
                 listeners.finish_unix(listen.path, self.cfg.socket_group)
+        for dl in self.data_listeners:
+            listeners.finish_unix(dl.path, self.cfg.socket_group)
+            dl.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s", ", ".join(str(x) for x in self.listens))
 
@@ -231,6 +249,8 @@ class AgentServer:
         await self.health.enter_graceful_shutdown()
         for relay in self.relays:
             relay.close()
+        for dl in self.data_listeners:
+            dl.close()
         # New calls are refused at once; Claude runs end with a cancelled ErrorEvent
         # (sent within the grace period) instead of a bare CANCELLED status.
         await asyncio.gather(

@@ -52,6 +52,10 @@ PIPE_SIZE = 1 << 20  # pipe buffer between the two splices (best effort)
 # waiting for us. The kernel default (256 KiB) limits throughput under TCG.
 VSOCK_BUFFER = 2 << 20
 UPSTREAM_CONNECT_TIMEOUT = 5.0
+# How long a new connection may take to send its first byte (gRPC sends its
+# preface at once; so does the data plane its magic).
+SNIFF_TIMEOUT = 30.0
+DATA_PLANE_FIRST_BYTE = b"C"
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -258,8 +262,12 @@ class RelayListener:
         name: str,
         peer_ok: Callable[[Any], bool] = lambda addr: True,
         tune: Callable[[socket.socket], None] | None = None,
+        divert: Callable[[socket.socket, Any], None] | None = None,
     ) -> None:
         self.sock = sock
+        # Connections whose first byte is the data plane's ("C" of COWORK-DATA; gRPC's
+        # HTTP/2 preface starts "P") go to `divert` instead of the gRPC server.
+        self.divert = divert
         self.upstream = upstream
         self.name = name
         self.peer_ok = peer_ok
@@ -306,6 +314,17 @@ class RelayListener:
             ).start()
 
     def _serve(self, conn: socket.socket, addr: Any) -> None:
+        if self.divert is not None:
+            try:
+                conn.settimeout(SNIFF_TIMEOUT)
+                first = conn.recv(1, socket.MSG_PEEK)
+                conn.settimeout(None)
+            except OSError:
+                conn.close()
+                return
+            if first == DATA_PLANE_FIRST_BYTE:
+                self.divert(conn, addr)
+                return
         try:
             up = connect_upstream(self.upstream)
         except OSError as exc:
@@ -419,6 +438,7 @@ async def start_relays(
     server: grpc.aio.Server,
     listens: Sequence[Listen],
     allowed_cids: Collection[int] | None = DEFAULT_ALLOWED_CIDS,
+    divert: Callable[[socket.socket, Any], None] | None = None,
 ) -> list[VsockRelays]:
     """Bind every vsock listen address and relay it into `server` (call before server.start())."""
     socks: list[tuple[Listen, socket.socket]] = []
@@ -434,7 +454,7 @@ async def start_relays(
     ok = peer_filter(allowed_cids)
     relays = []
     for listen, s in socks:
-        lst = RelayListener(s, path, str(listen), ok, tune_vsock)
+        lst = RelayListener(s, path, str(listen), ok, tune_vsock, divert)
         lst.start(loop)
         relays.append(lst)
     who = "any CID" if allowed_cids is None else "CID " + ",".join(map(str, sorted(allowed_cids)))

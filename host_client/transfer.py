@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import os
 import stat as statmod
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+
+from cowork.defaults import AUTH_METADATA_KEY
 
 from .errors import CoworkError
-from .models import FileInfo, Skipped
+from .models import FileInfo, Skipped, TransferResult
 
 _KINDS = {
     statmod.S_IFIFO: "fifo",
@@ -252,3 +256,93 @@ def chain(keys: dict[str, tuple[int, int]], base: str, rel: str) -> Iterator[tup
         path = f"{path}/{part}"
         if path in keys:
             yield keys[path]
+
+
+# -- the data plane (host_client.dataplane): file bytes beside gRPC --------------------
+_PLANES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_NONE = object()
+
+
+def data_plane(conn: Any) -> Any:
+    """The DataPlane for a client connection (host_client.api.connection.Connection), or None.
+
+    None when the target has no data path (tcp) or the agent lacks the
+    "files.dataplane" capability (an older agent): the caller then streams over
+    gRPC. Decided once per connection.
+    """
+    cached = _PLANES.get(conn)
+    if cached is None:
+        from cowork.dataplane import CAPABILITY
+
+        from .dataplane import DataPlane
+
+        cached = _NONE
+        if CAPABILITY in conn.capabilities() and DataPlane.reachable(conn.target):
+            token = dict(conn.metadata)[AUTH_METADATA_KEY].split(" ", 1)[1]
+            cached = DataPlane(conn.target, token.encode())
+        _PLANES[conn] = cached
+    return None if cached is _NONE else cached
+
+
+def fast_upload(
+    conn: Any,
+    local: str,
+    remote: str,
+    items: list[UploadItem],
+    skipped: list[Skipped],
+    progress: Callable[[int], None] | None,
+    resume: bool = False,
+) -> TransferResult | None:
+    """Upload planned `items` over the data plane; None when there is none (use gRPC).
+
+    One file: its own connection, resumable. A tree: one connection for all of
+    it (10,000 small files are a stream, not 10,000 calls).
+    """
+    dp = data_plane(conn)
+    if dp is None:
+        return None
+    if len(items) == 1 and items[0].kind == "file" and items[0].local == local:
+        r: TransferResult = dp.upload_file(local, remote, progress=progress, resume=resume)
+        r.skipped = skipped
+        return r
+    r = dp.upload_tree(items, remote, progress)
+    r.path = remote
+    r.skipped = [*skipped, *r.skipped]
+    return r
+
+
+def fast_download(
+    conn: Any, remote: str, local: str, progress: Callable[[int], None] | None
+) -> TransferResult | None:
+    """Download one guest file over the data plane; None when there is none (use gRPC)."""
+    dp = data_plane(conn)
+    if dp is None:
+        return None
+    _, r = dp.download_file(remote, local, progress)
+    return r  # type: ignore[no-any-return]
+
+
+def resume_upload(
+    conn: Any, local: str, remote: str, progress: Callable[[int], None] | None = None
+) -> TransferResult:
+    """Continue a cut upload of one file from the agent's last verified offset.
+
+    Needs the data plane (raises Unsupported, naming the capability, without it).
+    """
+    from cowork.dataplane import CAPABILITY
+
+    from .errors import Unsupported
+
+    dp = data_plane(conn)
+    if dp is None:
+        raise Unsupported(
+            f"agent at {conn.target.spec} has no data plane for this target (capability "
+            f"{CAPABILITY!r}; tcp targets have none): --resume needs it",
+            "UNIMPLEMENTED",
+        )
+    if not os.path.isfile(local):
+        raise CoworkError(
+            f"--resume copies one regular file; {local} is not one", "INVALID_ARGUMENT"
+        )
+    r: TransferResult = dp.upload_file(local, remote, progress=progress, resume=True)
+    return r

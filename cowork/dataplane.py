@@ -1,0 +1,98 @@
+"""The data plane's wire format, shared by the guest agent and the host client.
+
+gRPC stays the control plane; file bytes travel on a connection of their own to
+the same target, as raw bytes between small framed JSON messages, so either
+side can move them with sendfile/splice and hash them on another core.
+
+How the connection reaches the agent:
+- unix targets (unix:, local, lima:): a second socket beside the gRPC one,
+  `data_socket_path(grpc_socket)` (`agent.sock` -> `agent.data.sock`); Lima
+  forwards it with a second portForward rule (lima/cowork.yaml).
+- vsock:/hvsock:: the same vsock port as gRPC. The agent already relays every
+  vsock connection itself (grpcio has no vsock) and looks at its first bytes:
+  MAGIC here, the HTTP/2 preface ("PRI * HTTP/2.0") for gRPC.
+- tcp: none (the client falls back to gRPC streaming).
+
+A conversation (every message is a 4-byte big-endian length plus UTF-8 JSON):
+
+    client: MAGIC, {"token": T, "op": ..., ...}
+    agent:  {"ok": true, ...}  or  {"ok": false, "code": "NOT_FOUND", "message": ...}
+
+op "upload" (one file; atomic, checked, resumable):
+    hello: path, size, mode, mtime_ns, overwrite, create_parents, resume_key, resume
+    agent: {"ok", "offset", "prefix_sha256"}   (offset > 0 only for a resumable partial)
+    client: {"offset": N}  (N = the agent's offset if the prefix hashes agree, else 0)
+    client: size - N raw bytes, then {"sha256": hex of the whole file}
+    agent: {"ok", "info", "sha256", "received", "offset"}
+op "download" (one file):
+    hello: path
+    agent: {"ok", "info"}, info["size"] raw bytes, then {"sha256"}
+op "tree" (an upload of many entries on one connection):
+    hello: path (the destination root)
+    agent: {"ok"}
+    client, repeated: {"k": "d", "p": rel, "m": mode}
+                      {"k": "l", "p": rel, "target": ..., "t": mtime_ns}
+                      {"k": "f", "p": rel, "m": mode, "t": mtime_ns, "n": size},
+                          n raw bytes, {"sha256": hex}
+    client: {"k": "end"}
+    agent: {"ok", "files", "bytes", "symlinks", "dirs", "skipped": [[path, reason], ...]}
+
+Import-free beyond the standard library, for the CLI's fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+MAGIC = b"COWORK-DATA/1\n"
+# HTTP/2's client preface starts "PRI * HTTP/2.0"; MAGIC shares no prefix with it.
+MAX_MESSAGE = 1 << 20
+CAPABILITY = "files.dataplane"
+
+
+class WireError(ConnectionError):
+    """The peer broke the protocol or the connection ended early."""
+
+
+def data_socket_path(grpc_socket: str) -> str:
+    """The data plane's unix socket beside a gRPC socket: x.sock -> x.data.sock, else x.data."""
+    if grpc_socket.endswith(".sock"):
+        return grpc_socket[: -len(".sock")] + ".data.sock"
+    return grpc_socket + ".data"
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    return len(body).to_bytes(4, "big") + body
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes, or WireError when the connection ends first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise WireError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def read_message(sock: socket.socket) -> dict[str, Any]:
+    n = int.from_bytes(recv_exact(sock, 4), "big")
+    if n > MAX_MESSAGE:
+        raise WireError(f"message of {n} bytes is larger than {MAX_MESSAGE}")
+    try:
+        obj = json.loads(recv_exact(sock, n))
+    except ValueError:
+        raise WireError("message is not JSON") from None
+    if not isinstance(obj, dict):
+        raise WireError("message is not a JSON object")
+    return obj
+
+
+def send_message(sock: socket.socket, obj: dict[str, Any]) -> None:
+    sock.sendall(encode(obj))
