@@ -6,7 +6,9 @@ CLI's fast paths) do not pay for grpc until a client is actually made.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# typing.TYPE_CHECKING without importing typing (a fresh `coworkctl` pays for every import;
+# mypy knows the name).
+TYPE_CHECKING = False
 
 __all__ = [
     "AsyncCoworkClient",
@@ -16,6 +18,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .aio import AsyncCoworkClient
     from .client import CoworkClient
     from .errors import CoworkError

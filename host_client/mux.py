@@ -17,20 +17,21 @@ Frames, both ways: 1 byte kind + 4 bytes big-endian length + payload.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import struct
-import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, BinaryIO
 
-from cowork import defaults
+# The client side runs in every fresh `coworkctl exec`, so this module imports only what
+# that side needs; the mux process's own imports (grpc, threads, pathlib) are in its
+# functions. tests/test_cli_start.py checks what a fast-path process imports.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Any, BinaryIO
 
 HEADER = struct.Struct("!cI")
 MAX_FRAME = 4 * 1024 * 1024
@@ -40,10 +41,68 @@ IDLE_SECONDS = 600.0
 def socket_path(target_spec: str, token: bytes) -> Path:
     """Where the mux for this target+token listens: $XDG_RUNTIME_DIR (made for sockets) when
     set, else the state dir. The name hashes the token: it never shows in a path."""
-    key = hashlib.sha256(target_spec.encode() + b"\0" + token).hexdigest()[:20]
+    from pathlib import Path
+
+    return Path(socket_file(target_spec, token))
+
+
+def socket_file(target_spec: str, token: bytes) -> str:
+    """socket_path() as a string, without pathlib or cowork.defaults (the fast path's cost)."""
+    from hashlib import sha256
+
+    key = sha256(target_spec.encode() + b"\0" + token).hexdigest()[:20]
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "cowork" if runtime else defaults.state_dir()
-    return base / "mux" / f"{key}.sock"
+    base = os.path.join(runtime, "cowork") if runtime else _state_dir()
+    return os.path.join(base, "mux", f"{key}.sock")
+
+
+# -- the fresh-process side (no grpc) -------------------------------------------------------
+# cowork.defaults and host_client.targets say where state and tokens live; their imports
+# (pathlib, dataclasses, re) cost a fresh process more than the whole mux round trip, so the
+# few lines the fast path needs are repeated here with os.path, and
+# tests/test_cli_start.py checks that they agree with those modules.
+_DEFAULT_VM_NAME = "cowork"  # defaults.DEFAULT_VM_NAME
+_LIMA_TOKEN_NAME = "cowork-token"  # defaults.LIMA_TOKEN_NAME
+
+
+def _state_dir() -> str:  # defaults.state_dir()
+    env = os.environ
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "cowork")
+
+
+def fast_key(target: str | None, token_file: str | None) -> tuple[str, bytes] | None:
+    """(target spec, token) as targets.parse() and targets.load_token() find them, or None
+    when only they can tell (no token, an unreadable or malformed one: they say why)."""
+    env = os.environ
+    spec = (
+        target
+        or env.get("COWORK_TARGET")
+        or "lima:" + (env.get("COWORK_VM_NAME") or _DEFAULT_VM_NAME)
+    )
+    path = token_file or env.get("COWORK_TOKEN_FILE")
+    if path:
+        token = _read_token(path)
+    elif env.get("COWORK_TOKEN"):
+        token = os.fsencode(env["COWORK_TOKEN"].strip())
+    elif spec == "local":
+        token = _read_token(os.path.join(_state_dir(), "token"))
+    elif spec.startswith("lima:"):
+        home = env.get("LIMA_HOME") or os.path.join(os.path.expanduser("~"), ".lima")
+        token = _read_token(os.path.join(home, spec[5:], _LIMA_TOKEN_NAME))
+    else:
+        return None
+    if not token or not all(0x20 <= b <= 0x7E for b in token):
+        return None
+    return spec, token
+
+
+def _read_token(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read().strip()
+    except OSError:
+        return b""
 
 
 def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
@@ -67,15 +126,14 @@ def recv(sock: socket.socket) -> tuple[bytes, bytes]:
     return kind, _recv_exact(sock, n) if n else b""
 
 
-# -- the fresh-process side (no grpc) -------------------------------------------------------
 def connect(target_spec: str, token: bytes) -> socket.socket | None:
     """A connection to a running mux for this target+token, or None (then go the slow way)."""
-    path = socket_path(target_spec, token)
-    if not path.exists():
+    path = socket_file(target_spec, token)
+    if not os.path.exists(path):
         return None
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(str(path))
+        s.connect(path)
     except OSError:
         s.close()
         return None
@@ -86,8 +144,9 @@ def run(sock: socket.socket, request: dict[str, Any], stdin_fd: int | None) -> i
     """Run one exec through the mux, streaming our stdin/stdout/stderr; return the exit code."""
     send(sock, b"R", json.dumps(request).encode())
     if stdin_fd is not None:
+        import _thread  # not threading: a fresh process would pay for importing it
 
-        def pump() -> None:  # daemon thread: blocked in os.read holds no Python lock
+        def pump() -> None:  # never joined: blocked in os.read it holds no Python lock
             try:
                 while data := os.read(stdin_fd, 65536):
                     send(sock, b"I", data)
@@ -95,7 +154,7 @@ def run(sock: socket.socket, request: dict[str, Any], stdin_fd: int | None) -> i
             except OSError:
                 pass
 
-        threading.Thread(target=pump, daemon=True).start()
+        _thread.start_new_thread(pump, ())
     else:
         send(sock, b"E")
     out, err = sys.stdout.buffer, sys.stderr.buffer
@@ -125,6 +184,8 @@ class _Stdin:
     """Stdin frames from the client as an iterator of bytes (ends at E or disconnect)."""
 
     def __init__(self, sock: socket.socket) -> None:
+        import threading
+
         self.sock = sock
         self.done = threading.Event()  # the client sent E (or is gone): nothing more to read
 
@@ -154,6 +215,8 @@ def _cancel_on_hangup(conn: socket.socket, stdin: _Stdin, stream: Any) -> None:
 
 
 def _serve_one(client: Any, conn: socket.socket) -> None:
+    import threading
+
     from .errors import CoworkError, NotFound
     from .models import Exited, Output
 
@@ -200,6 +263,9 @@ def _fail(conn: socket.socket, message: str, code: int) -> None:
 
 def serve(target_spec: str | None, token_file: str | None, idle: float = IDLE_SECONDS) -> int:
     """Hold one client for the target and serve fresh coworkctl processes until idle."""
+    import threading
+    import time
+
     from . import targets
     from .client import CoworkClient
     from .errors import CoworkError
@@ -272,6 +338,8 @@ def start_background(
     target_spec: str | None, token_file: str | None, log: BinaryIO, extra: list[str]
 ) -> subprocess.Popen[bytes]:
     """Start `coworkctl mux serve` detached."""
+    import subprocess
+
     argv = [sys.executable, "-m", "host_client.cli"]
     if target_spec:
         argv += ["--target", target_spec]

@@ -73,85 +73,16 @@ class CommandModuleError(ImportError):
     """A coworkctl command module could not be imported (a broken install or a bug)."""
 
 
-def _fast_exec(argv: list[str]) -> int | None:
-    """`[--target T] [--token-file F] exec [--cwd D] [--env K=V]... [--timeout S] -- CMD...`
-    through a running mux (host_client/mux.py), without argparse or grpc; None = not possible
-    (anything else on the line, no mux, COWORK_MUX=0): the normal path takes over."""
-    import os
-
-    if os.environ.get("COWORK_MUX") == "0":
-        return None
-    opts: dict[str, str] = {}
-    env: dict[str, str] = {}
-    i = 0
-    while i < len(argv) and argv[i] in ("--target", "--token-file"):
-        if i + 1 >= len(argv):
-            return None
-        opts[argv[i]] = argv[i + 1]
-        i += 2
-    if i >= len(argv) or argv[i] != "exec":
-        return None
-    i += 1
-    req: dict[str, object] = {}
-    while i < len(argv) and argv[i] != "--":
-        flag = argv[i]
-        if flag not in ("--cwd", "--env", "--timeout") or i + 1 >= len(argv):
-            return None  # -t, -i, limits, a typo...: the full parser handles it
-        value = argv[i + 1]
-        if flag == "--env":
-            key, sep, val = value.partition("=")
-            if not sep or not key:
-                return None
-            env[key] = val
-        elif flag == "--timeout":
-            try:
-                seconds = float(value)
-            except ValueError:
-                return None
-            if seconds <= 0:
-                return None  # the full parser says why
-            req["timeout"] = seconds
-        else:
-            req["cwd"] = value
-        i += 2
-    command = argv[i + 1 :]
-    if not command:
-        return None
-    from .. import mux, targets
-
-    try:
-        target = targets.parse(opts.get("--target"))
-        token = targets.load_token(target, opts.get("--token-file"))
-    except targets.TargetError:
-        return None
-    sock = mux.connect(target.spec, token)
-    if sock is None:
-        return None
-    req.update(argv=command, env=env)
-    stdin = None if sys.stdin.isatty() else sys.stdin.fileno()
-    try:
-        return mux.run(sock, req, stdin)
-    except KeyboardInterrupt:
-        print("coworkctl: interrupted; remote process stopped", file=sys.stderr)
-        return 130
-    except ConnectionError as exc:
-        print(f"coworkctl: mux: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        return 141
-    finally:
-        sock.close()
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, mux: bool = True) -> None:
     """The coworkctl entry point: every failure ends as one line on stderr and an exit code.
 
     Known failures (usage, refused calls, bad targets) have their own messages; anything
     else is a bug or an environment problem, reported as one line too, with the
-    traceback only under COWORK_DEBUG=1.
+    traceback only under COWORK_DEBUG=1. `mux=False`: the caller already tried the mux
+    fast path (host_client.entry, the console script).
     """
     try:
-        code = _main(argv)
+        code = _main(argv, mux)
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -177,10 +108,13 @@ def _unexpected(exc: BaseException) -> int:
     return 1
 
 
-def _main(argv: list[str] | None) -> int:
-    fast = _fast_exec(sys.argv[1:] if argv is None else argv)
-    if fast is not None:
-        return fast
+def _main(argv: list[str] | None, mux: bool = True) -> int:
+    if mux:
+        from ..entry import fast_exec
+
+        fast = fast_exec(sys.argv[1:] if argv is None else argv)
+        if fast is not None:
+            return fast
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
