@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cowork import defaults
+from cowork.dataplane import data_socket_path
 from host_client import lima
 from host_client.targets import lima_socket, lima_token
 
@@ -53,9 +54,10 @@ def test_the_created_instance_forwards_the_socket_lima_targets_use(
     _create(lima_env, wheel)
     [line] = lima_env.run_limactl("list", "--json", "cowork-test").stdout.splitlines()
     rules = json.loads(line)["config"]["portForwards"]
-    [rule] = [r for r in rules if r.get("guestSocket")]
+    [rule] = [r for r in rules if r.get("guestSocket") == defaults.GUEST_SOCKET]
     assert rule["hostSocket"] == str(lima_socket("cowork-test"))
-    assert rule["guestSocket"] == defaults.GUEST_SOCKET
+    [data] = [r for r in rules if r.get("guestSocket") == data_socket_path(defaults.GUEST_SOCKET)]
+    assert data["hostSocket"] == data_socket_path(str(lima_socket("cowork-test")))
 
 
 def test_the_created_instance_delivers_the_token_as_data(lima_env: LimaEnv, wheel: Path) -> None:

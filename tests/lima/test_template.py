@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from cowork import defaults
+from cowork.dataplane import data_socket_path
 from host_client import lima
 
 from .conftest import REPO, LimaEnv
@@ -154,10 +155,19 @@ def test_the_agent_socket_is_forwarded_into_the_instance_sock_dir(lima_env: Lima
     proc = _validate(lima_env, _write(lima_env, "sock", text), "--fill")
     assert proc.returncode == 0, proc.stderr
     rules = yaml.safe_load(proc.stdout)["portForwards"]
-    [rule] = [r for r in rules if r.get("guestSocket")]
-    assert rule["guestSocket"] == defaults.GUEST_SOCKET
+    [rule] = [r for r in rules if r.get("guestSocket") == defaults.GUEST_SOCKET]
     # validate fills {{.Dir}} with LIMA_HOME; a created instance's is checked in test_lifecycle.
     assert rule["hostSocket"].endswith(f"/sock/{defaults.LIMA_HOST_SOCKET_NAME}")
+
+
+def test_the_data_plane_socket_is_forwarded_beside_the_agent_socket(lima_env: LimaEnv) -> None:
+    text = lima.render_template(lima.InitOptions(name="data"))
+    proc = _validate(lima_env, _write(lima_env, "data", text), "--fill")
+    assert proc.returncode == 0, proc.stderr
+    rules = yaml.safe_load(proc.stdout)["portForwards"]
+    guest = data_socket_path(defaults.GUEST_SOCKET)
+    [rule] = [r for r in rules if r.get("guestSocket") == guest]
+    assert rule["hostSocket"].endswith("/sock/" + data_socket_path(defaults.LIMA_HOST_SOCKET_NAME))
 
 
 def test_no_guest_port_is_forwarded_to_the_host(lima_env: LimaEnv) -> None:
