@@ -24,7 +24,12 @@ CAPABILITIES = [
     "process.exec",
     "process.run",
     "process.pty",
+    # ProcessSpec.limits is understood (enforced where "limits.cgroup2" is also listed;
+    # an agent without it would run the process unlimited without a word).
+    "process.limits",
     "files",
+    # Files.Symlink and StatRequest.follow_symlinks.
+    "files.symlink",
     "health",
     "reflection",
     "policy",

@@ -1,143 +1,190 @@
-"""AsyncCoworkClient: the same surface as CoworkClient, on grpc.aio, for asyncio programs."""
+"""AsyncCoworkClient: CoworkClient for asyncio programs, as a thin adapter over it.
+
+Every method here awaits the same method of the sync implementation
+(host_client.api, see host_client.client for why the core is synchronous),
+run on this client's worker threads, so the two surfaces cannot drift:
+tests/test_surfaces.py fails on any difference in names or parameters.
+
+- A call in flight holds one worker thread (at most `max_workers` at once; more
+  wait their turn). Cancelling the awaiting task cancels the gRPC call.
+- Streams (`exec`, `claude.stream`, `policy.logs`, `files.read_chunks`) are
+  iterated with `async for`; each message makes one hop from a worker thread to
+  the loop. Leaving the loop early cancels the call, as in the sync client.
+- Progress callbacks of upload/download run on a worker thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import grpc
-import grpc.aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from cowork.agent.v1 import (
-    agent_pb2,
-    agent_pb2_grpc,
-    claude_pb2_grpc,
-    files_pb2,
-    files_pb2_grpc,
-    process_pb2,
-    process_pb2_grpc,
-)
-from cowork.defaults import AUTH_METADATA_KEY, AUTH_SCHEME
-
-from . import requests as rq
-from . import targets, transfer
-from .errors import AgentUnavailable, CoworkError, from_rpc_error
-from .models import (
-    ExecEvent,
-    ExecutionResult,
-    Exited,
-    FileInfo,
-    Output,
-    Skipped,
-    Started,
-    TransferResult,
-)
-from .protodict import to_dict
-from .transports import ChannelHandle
+from .api.claude import AskStream
+from .api.connection import CancelScope, Connection
+from .api.files import Progress
+from .api.process import ExecStream
+from .client import CoworkClient
+from .models import ExecEvent, ExecutionResult, Exited, FileInfo, TransferResult
 
 if TYPE_CHECKING:
-    from .claude import AsyncAskStream, ClaudeExecutionResult
+    from .claude import ClaudeEvent, ClaudeExecutionResult
+    from .targets import Target
 
 T = TypeVar("T")
-_END = object()
+_DONE = object()
+MAX_WORKERS = 64
 
 
-class AsyncCoworkClient:
-    """Async twin of CoworkClient; use `async with AsyncCoworkClient(...) as c:`."""
+class _Worker:
+    """Runs blocking calls of the sync implementation on a private thread pool."""
 
-    def __init__(
-        self,
-        target: str | None = None,
-        token_file: str | None = None,
-        *,
-        connect_timeout: float = 10.0,
-    ) -> None:
-        self.target = targets.parse(target)
-        token = targets.load_token(self.target, token_file)
-        self._metadata = ((AUTH_METADATA_KEY, f"{AUTH_SCHEME} {token.decode()}"),)
-        self.connect_timeout = connect_timeout
-        self._handle = ChannelHandle(self.target)
-        self._channel: grpc.aio.Channel | None = None
+    def __init__(self, conn: Connection, max_workers: int) -> None:
+        self._conn = conn
+        self._max_workers = max_workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self._max_workers, thread_name_prefix="cowork-aio"
+                )
+            return self._pool
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Await `fn(*args, **kwargs)` run on a worker; task cancellation cancels its RPC."""
+        scope = CancelScope()
+        future = self.pool().submit(self._conn.cancellable, scope, lambda: fn(*args, **kwargs))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            scope.cancel()
+            raise
+
+    async def iterate(self, it: Iterator[T], cancel: Callable[[], None]) -> AsyncIterator[T]:
+        """`async for` over a sync stream; leaving early calls `cancel` and closes `it`."""
+        pool = self.pool()
+        pending: concurrent.futures.Future[Any] | None = None
+        exhausted = False
+        try:
+            while True:
+                pending = pool.submit(next, it, _DONE)
+                item = await asyncio.wrap_future(pending)
+                pending = None
+                if item is _DONE:
+                    exhausted = True
+                    return
+                yield item
+        finally:
+            if not exhausted:
+                cancel()
+                pool.submit(_close_after, pending, it)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+
+
+def _close_after(pending: concurrent.futures.Future[Any] | None, it: Iterator[Any]) -> None:
+    """Close a sync generator once the `next` running on it has returned."""
+    if pending is not None:
+        try:
+            pending.result()
+        except BaseException:
+            pass
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+class AsyncExecStream:
+    """A running remote process: `async for` its events; control it with the methods."""
+
+    def __init__(self, stream: ExecStream, worker: _Worker) -> None:
+        self._stream = stream
+        self._worker = worker
 
     @property
-    def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = self._handle.aio_channel()
-            self._agent = agent_pb2_grpc.AgentStub(self._channel)
-            self._process = process_pb2_grpc.ProcessStub(self._channel)
-            self._files = files_pb2_grpc.FilesStub(self._channel)
-            self._health = health_pb2_grpc.HealthStub(self._channel)
-            self._claude = claude_pb2_grpc.ClaudeStub(self._channel)
-        return self._channel
+    def pid(self) -> int:
+        """The process id in the guest (0 until Started)."""
+        return self._stream.pid
 
-    def _stub(self, name: str) -> Any:
-        self.channel  # noqa: B018 - creates the stubs on first use
-        return getattr(self, name)
+    @property
+    def exit(self) -> Exited | None:
+        """The Exited event once the process ended."""
+        return self._stream.exit
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], retry: bool = True) -> T:
-        try:
-            return await fn()
-        except grpc.aio.AioRpcError as exc:
-            if retry and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                try:
-                    await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout)
-                except asyncio.TimeoutError:
-                    raise from_rpc_error(exc, self.target.spec) from None
-                try:
-                    return await fn()
-                except grpc.aio.AioRpcError as again:
-                    raise from_rpc_error(again, self.target.spec) from None
-            raise from_rpc_error(exc, self.target.spec) from None
+    def write(self, data: bytes) -> None:
+        """Send `data` to the process's stdin (interactive mode / PTY)."""
+        self._stream.write(data)
 
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = None
-        self._handle.close()
+    def close_stdin(self) -> None:
+        """Close the process's stdin (EOF)."""
+        self._stream.close_stdin()
 
-    async def __aenter__(self) -> AsyncCoworkClient:
-        return self
+    def signal(self, signum: int) -> None:
+        """Send signal `signum` to the process group."""
+        self._stream.signal(signum)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize the PTY."""
+        self._stream.resize(rows, cols)
 
-    # -- agent ---------------------------------------------------------------
-    async def info(self) -> dict[str, Any]:
-        stub = self._stub("_agent")
-        resp = await self._call(lambda: stub.Info(agent_pb2.InfoRequest(), metadata=self._metadata))
-        return to_dict(resp)
+    def cancel(self) -> None:
+        """Cancel the call: the agent kills the process group."""
+        self._stream.cancel()
 
-    async def health(self, timeout: float = 2.0) -> bool:
-        stub = self._stub("_health")
-        try:
-            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    def __aiter__(self) -> AsyncIterator[ExecEvent]:
+        """Start the process (on first iteration) and yield its events."""
+        return self._worker.iterate(iter(self._stream), self._stream.cancel)
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        stub = self._stub("_health")
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AgentUnavailable(f"agent at {self.target.spec} not ready after {timeout:g}s")
-            try:
-                resp = await stub.Check(
-                    health_pb2.HealthCheckRequest(), timeout=min(left, 2.0), wait_for_ready=True
-                )
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.05)
+    async def collect(self) -> ExecutionResult:
+        """Drain the stream into an ExecutionResult (oom_killed included)."""
+        return await self._worker.call(self._stream.collect)
 
-    # -- processes -------------------------------------------------------------
+
+class AsyncAskStream:
+    """A running Claude.Ask: `async for` its events; `cancel()` stops the remote run."""
+
+    def __init__(self, stream: AskStream, worker: _Worker) -> None:
+        self._stream = stream
+        self._worker = worker
+
+    @property
+    def events(self) -> list[ClaudeEvent]:
+        """The events seen so far."""
+        return self._stream.events
+
+    @property
+    def finished(self) -> bool:
+        """True once the result (or the terminal error) arrived."""
+        return self._stream.finished
+
+    def cancel(self) -> None:
+        """Stop the remote run (its stream ends with a cancelled ClaudeError)."""
+        self._stream.cancel()
+
+    def __aiter__(self) -> AsyncIterator[ClaudeEvent]:
+        """Start the run (on first iteration) and yield its events."""
+        return self._worker.iterate(iter(self._stream), self._stream.cancel)
+
+    async def collect(self) -> ClaudeExecutionResult:
+        """Drain the stream into a ClaudeExecutionResult."""
+        return await self._worker.call(self._stream.collect)
+
+
+class AsyncProcess:
+    """`vm.process` for asyncio: the Process service (see api.process.Process)."""
+
+    def __init__(self, client: CoworkClient, worker: _Worker) -> None:
+        self._sync = client.process
+        self._worker = worker
+
     async def run(
         self,
         command: str | Sequence[str],
@@ -149,33 +196,23 @@ class AsyncCoworkClient:
         output_limit: int = 0,
         limits: Mapping[str, float] | None = None,
     ) -> ExecutionResult:
-        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout, limits=limits)
-        data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-        req = process_pb2.RunRequest(spec=spec, stdin=data, output_limit=output_limit)
-        stub = self._stub("_process")
-        resp = await self._call(lambda: stub.Run(req, metadata=self._metadata))
-        ex = rq.exited(resp.exit)
-        return ExecutionResult(
-            output=resp.stdout.decode("utf-8", "replace"),
-            error=resp.stderr.decode("utf-8", "replace"),
-            exit_code=ex.shell_code,
-            signal=ex.signal,
-            timed_out=ex.timed_out,
-            duration_ms=ex.duration_ms,
-            stdout=resp.stdout,
-            stderr=resp.stderr,
-            truncated=resp.stdout_truncated or resp.stderr_truncated,
-            oom_killed=ex.oom_killed,
+        """Run to completion and return buffered output (capped at `output_limit` per stream)."""
+        return await self._worker.call(
+            self._sync.run,
+            command,
+            stdin=stdin,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            output_limit=output_limit,
+            limits=limits,
         )
-
-    async def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:
-        return await self.run(command, **kwargs)
 
     def exec(
         self,
         command: str | Sequence[str],
         *,
-        stdin: bytes | str | None = None,
+        stdin: bytes | str | Iterable[bytes] | Any = None,
         interactive: bool = False,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
@@ -186,8 +223,14 @@ class AsyncCoworkClient:
         term: str = "",
         limits: Mapping[str, float] | None = None,
     ) -> AsyncExecStream:
-        spec = rq.process_spec(
+        """Start a process and stream its events (`async for`); nothing is sent until then.
+
+        Checking a capability (`limits`) may ask the agent once, blocking briefly.
+        """
+        stream = self._sync.exec(
             command,
+            stdin=stdin,
+            interactive=interactive,
             env=env,
             cwd=cwd,
             timeout=timeout,
@@ -195,80 +238,71 @@ class AsyncCoworkClient:
             rows=rows,
             cols=cols,
             term=term,
-            stdin=interactive or stdin is not None or pty,
             limits=limits,
         )
-        return AsyncExecStream(self, spec, stdin, interactive)
+        return AsyncExecStream(stream, self._worker)
 
-    # -- files -------------------------------------------------------------------
+
+class AsyncFiles:
+    """`vm.files` for asyncio: the Files service (see api.files.Files)."""
+
+    def __init__(self, client: CoworkClient, worker: _Worker) -> None:
+        self._sync = client.files
+        self._worker = worker
+
     async def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:
         """Describe a guest path; a final symlink itself unless `follow_symlinks`."""
-        stub = self._stub("_files")
-        req = files_pb2.StatRequest(path=path, follow_symlinks=follow_symlinks)
-        return rq.file_info(
-            (await self._call(lambda: stub.Stat(req, metadata=self._metadata))).info
-        )
+        return await self._worker.call(self._sync.stat, path, follow_symlinks)
 
     async def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
-        stub = self._stub("_files")
-        req = files_pb2.ListRequest(path=path, recursive=recursive)
-        resp = await self._call(lambda: stub.List(req, metadata=self._metadata))
-        return [rq.file_info(e) for e in resp.entries]
+        """The entries of a guest directory (all below it with `recursive`), sorted by path."""
+        return await self._worker.call(self._sync.list_dir, path, recursive)
 
     async def read_bytes(self, path: str, offset: int = 0, length: int = 0) -> bytes:
-        parts = [chunk async for chunk in self._read_chunks(path, offset, length)]
-        return b"".join(parts)
+        """A guest file's bytes (`length` bytes from `offset`; 0 = to the end)."""
+        return await self._worker.call(self._sync.read_bytes, path, offset, length)
 
     async def read_file(self, path: str) -> str:
-        return (await self.read_bytes(path)).decode("utf-8", "replace")
+        """A guest text file's content (UTF-8; undecodable bytes replaced)."""
+        return await self._worker.call(self._sync.read_file, path)
 
-    async def _read_chunks(
-        self, path: str, offset: int = 0, length: int = 0, info: list[FileInfo] | None = None
-    ) -> AsyncIterator[bytes]:
-        stub = self._stub("_files")
-        req = files_pb2.ReadRequest(
-            path=path, offset=offset, length=length, chunk_size=rq.UPLOAD_CHUNK
-        )
-        call = stub.Read(req, metadata=self._metadata)
-        try:
-            async for msg in call:
-                if msg.WhichOneof("msg") == "info":
-                    if info is not None:
-                        info.append(rq.file_info(msg.info))
-                    continue
-                yield msg.data
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, self.target.spec) from None
-        finally:
-            call.cancel()
+    async def read_chunks(
+        self, path: str, offset: int = 0, length: int = 0
+    ) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        """Open a guest file for reading: its FileInfo now, then its content in chunks."""
+        info, chunks = await self._worker.call(self._sync.read_chunks, path, offset, length)
+        return info, self._worker.iterate(chunks, chunks.cancel)
 
     async def write_file(
-        self, path: str, content: str | bytes, *, mode: int = 0, create_parents: bool = True
+        self,
+        path: str,
+        content: str | bytes,
+        *,
+        mode: int = 0,
+        create_parents: bool = True,
+        overwrite: bool = True,
     ) -> FileInfo:
-        data = content.encode() if isinstance(content, str) else bytes(content)
-        src = rq.UploadSource(path, data=data, mode=mode, create_parents=create_parents)
-        stub = self._stub("_files")
-        resp = await self._call(lambda: stub.Write(iter(src), metadata=self._metadata))
-        return rq.file_info(resp.info)
+        """Write a guest file atomically (all or nothing), checked by size and SHA-256."""
+        return await self._worker.call(
+            self._sync.write_file,
+            path,
+            content,
+            mode=mode,
+            create_parents=create_parents,
+            overwrite=overwrite,
+        )
 
     async def remove(self, path: str, recursive: bool = False, missing_ok: bool = False) -> bool:
-        stub = self._stub("_files")
-        req = files_pb2.RemoveRequest(path=path, recursive=recursive, missing_ok=missing_ok)
-        return bool((await self._call(lambda: stub.Remove(req, metadata=self._metadata))).removed)
+        """Remove a guest file, link or (with `recursive`) tree; False if missing and allowed."""
+        return await self._worker.call(self._sync.remove, path, recursive, missing_ok)
 
     async def mkdir(self, path: str, parents: bool = True, exist_ok: bool = True) -> FileInfo:
-        stub = self._stub("_files")
-        req = files_pb2.MakeDirRequest(path=path, parents=parents, exist_ok=exist_ok)
-        return rq.file_info(
-            (await self._call(lambda: stub.MakeDir(req, metadata=self._metadata))).info
-        )
+        """Make a guest directory (and its parents); its FileInfo."""
+        return await self._worker.call(self._sync.mkdir, path, parents, exist_ok)
 
     async def rename(self, source: str, destination: str, overwrite: bool = False) -> FileInfo:
-        stub = self._stub("_files")
-        req = files_pb2.RenameRequest(source=source, destination=destination, overwrite=overwrite)
-        return rq.file_info(
-            (await self._call(lambda: stub.Rename(req, metadata=self._metadata))).info
-        )
+        """Move a guest entry (replacing a file at `destination` only with `overwrite`)."""
+        return await self._worker.call(self._sync.rename, source, destination, overwrite)
 
     async def symlink(
         self,
@@ -279,17 +313,14 @@ class AsyncCoworkClient:
         create_parents: bool = True,
         mtime_ns: int = 0,
     ) -> FileInfo:
-        """Create guest symlink `path` -> `target`, atomically (see CoworkClient.symlink)."""
-        req = files_pb2.SymlinkRequest(
-            path=path,
-            target=target,
+        """Create guest symlink `path` -> `target` (as os.symlink(target, path)), atomically."""
+        return await self._worker.call(
+            self._sync.symlink,
+            target,
+            path,
             overwrite=overwrite,
             create_parents=create_parents,
             mtime_ns=mtime_ns,
-        )
-        stub = self._stub("_files")
-        return rq.file_info(
-            (await self._call(lambda: stub.Symlink(req, metadata=self._metadata))).info
         )
 
     async def upload(
@@ -297,275 +328,327 @@ class AsyncCoworkClient:
         local: str,
         remote: str,
         *,
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
         follow_symlinks: bool = False,
     ) -> TransferResult:
-        """Copy a local file, symlink or directory tree to `remote`, like `cp -a`.
-
-        The same rules as CoworkClient.upload (host_client.transfer); local
-        reads run off the event loop.
-        """
-        loop = asyncio.get_running_loop()
-        items, skipped = await loop.run_in_executor(
-            None, transfer.plan_upload, local, remote, follow_symlinks
+        """Copy a local file, symlink or directory tree to `remote`, like `cp -a`."""
+        return await self._worker.call(
+            self._sync.upload, local, remote, progress=progress, follow_symlinks=follow_symlinks
         )
-        result = TransferResult(remote, 0, "", files=0, skipped=skipped)
-        for item in items:
-            if item.kind == "dir":
-                await self.mkdir(item.remote)
-            elif item.kind == "symlink":
-                await self.symlink(item.target, item.remote, mtime_ns=item.mtime_ns)
-                result.symlinks += 1
-            else:
-                r = await self._upload_file(item.local, item.remote, progress)
-                result.bytes += r.bytes
-                result.files += 1
-                if item.local == local:
-                    result.path, result.sha256 = r.path, r.sha256
-        return result
-
-    async def _upload_file(
-        self, local: str, remote: str, progress: Callable[[int], None] | None
-    ) -> TransferResult:
-        src = rq.UploadSource(remote, local=local, progress=progress, preserve_mtime=True)
-        loop = asyncio.get_running_loop()
-        it = iter(src)
-
-        async def requests() -> AsyncIterator[files_pb2.WriteRequest]:
-            while True:
-                msg = await loop.run_in_executor(None, next, it, None)
-                if msg is None:
-                    return
-                yield msg
-
-        stub = self._stub("_files")
-        resp = await self._call(lambda: stub.Write(requests(), metadata=self._metadata), False)
-        return TransferResult(resp.info.path, resp.bytes_written, resp.sha256)
 
     async def download(
         self,
         remote: str,
         local: str,
         *,
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
         follow_symlinks: bool = False,
     ) -> TransferResult:
-        """Copy a guest file, symlink or directory tree to `local`, like `cp -a`.
+        """Copy a guest file, symlink or directory tree to `local`, like `cp -a`."""
+        return await self._worker.call(
+            self._sync.download, remote, local, progress=progress, follow_symlinks=follow_symlinks
+        )
 
-        The same rules as CoworkClient.download (host_client.transfer).
-        """
-        info = await self.stat(remote, follow_symlinks=follow_symlinks)
-        result = TransferResult(local, 0, "", files=0)
-        if info.is_dir:
-            os.makedirs(local, exist_ok=True)
-            await self._download_tree(info, local, progress, follow_symlinks, (), result)
-        else:
-            await self._download_entry(info, remote, local, progress, result)
-            if result.files == 1 and not result.skipped:
-                result.path = local
-        return result
 
-    async def _download_entry(
+class AsyncClaude:
+    """`vm.claude` for asyncio: the Claude service (see api.claude.Claude)."""
+
+    def __init__(self, client: CoworkClient, worker: _Worker) -> None:
+        self._sync = client.claude
+        self._worker = worker
+
+    async def ask(self, prompt: str, **options: Any) -> ClaudeExecutionResult:
+        """Run Claude Code on `prompt` in the VM; output = the result text, exit_code 0/1."""
+        return await self._worker.call(self._sync.ask, prompt, **options)
+
+    def stream(self, prompt: str, **options: Any) -> AsyncAskStream:
+        """Like `ask`, but yields the run's typed events as they happen (`async for`)."""
+        return AsyncAskStream(self._sync.stream(prompt, **options), self._worker)
+
+    async def version(self) -> dict[str, Any]:
+        """Whether the CLI is installed in the VM, its version, path and run-as user."""
+        return await self._worker.call(self._sync.version)
+
+
+class AsyncPolicy:
+    """`vm.policy` for asyncio: the Policy service (see api.policy.Policy)."""
+
+    def __init__(self, client: CoworkClient, worker: _Worker) -> None:
+        self._sync = client.policy
+        self._worker = worker
+
+    async def get(self) -> dict[str, Any]:
+        """The sandbox policy in force: yaml, path, effective_allow/deny, sandbox."""
+        return await self._worker.call(self._sync.get)
+
+    async def set(
         self,
-        info: FileInfo,
-        remote: str,
-        dest: str,
-        progress: Callable[[int], None] | None,
-        result: TransferResult,
-    ) -> None:
-        if info.type == "symlink":
-            reason = transfer.make_local_symlink(info.symlink_target, dest, info.mtime_ns)
-            if reason:
-                result.skipped.append(Skipped(remote, reason))
-            else:
-                result.symlinks += 1
-        elif info.type == "file":
-            reason = transfer.local_blocker(dest)
-            if reason:
-                result.skipped.append(Skipped(remote, reason))
-                return
-            r = await self._download_file(remote, dest, progress)
-            result.bytes += r.bytes
-            result.files += 1
-            result.sha256 = r.sha256 if result.files == 1 else ""
-        else:
-            result.skipped.append(Skipped(remote, transfer.special_reason(info.special)))
+        yaml: str | None = None,
+        *,
+        allow: str | None = None,
+        deny: str | None = None,
+        preset: str | None = None,
+    ) -> dict[str, Any]:
+        """Replace the policy (`yaml`) or make one change; InvalidArgument names a bad key."""
+        return await self._worker.call(self._sync.set, yaml, allow=allow, deny=deny, preset=preset)
 
-    async def _download_tree(
-        self,
-        top: FileInfo,
-        local: str,
-        progress: Callable[[int], None] | None,
-        follow: bool,
-        above: tuple[tuple[int, int], ...],
-        result: TransferResult,
-    ) -> None:
-        entries = await self.list_dir(top.path, recursive=True)
-        keys = transfer.dir_keys(top, entries)
-        for entry in entries:
-            rel = transfer.relative_name(top.path, entry)
-            if rel is None:
-                result.skipped.append(Skipped(entry.path, "unsafe name from the agent"))
-                continue
-            dest = os.path.join(local, rel)
-            if not transfer.local_parent_is_safe(local, rel):
-                result.skipped.append(Skipped(entry.path, transfer.UNSAFE_PARENT))
-                continue
-            try:
-                if entry.type == "symlink" and follow:
-                    entry = await self.stat(entry.path, follow_symlinks=True)
-                    if entry.is_dir:
-                        key = (entry.device, entry.inode)
-                        chain = (*above, *transfer.chain(keys, top.path, rel))
-                        if key in chain:
-                            result.skipped.append(Skipped(entry.path, transfer.LOOP))
-                            continue
-                if entry.is_dir:
-                    reason = transfer.make_local_dir(dest)
-                    if reason:
-                        result.skipped.append(Skipped(entry.path, reason))
-                    elif entry.path not in keys:  # a followed link: its own listing
-                        chain = (*above, *transfer.chain(keys, top.path, rel))
-                        await self._download_tree(entry, dest, progress, follow, chain, result)
-                    continue
-                await self._download_entry(entry, entry.path, dest, progress, result)
-            except CoworkError as exc:
-                reason = transfer.entry_error(exc)
-                if reason is None:
-                    raise
-                result.skipped.append(Skipped(entry.path, reason))
-
-    async def _download_file(
-        self, remote: str, local: str, progress: Callable[[int], None] | None
-    ) -> TransferResult:
-        """Copy one guest file to `local` atomically."""
-        tmp = rq.temp_beside(local)
-        digest = hashlib.sha256()
-        n = 0
-        info: list[FileInfo] = []
-        try:
-            with open(tmp, "wb") as f:
-                async for chunk in self._read_chunks(remote, info=info):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    n += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-            if info:
-                os.chmod(tmp, transfer.local_mode(info[0].mode))
-                os.utime(tmp, ns=(info[0].mtime_ns, info[0].mtime_ns))
-            os.replace(tmp, local)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return TransferResult(local, n, digest.hexdigest())
-
-    # -- Claude Code (host_client/claude.py) ------------------------------------------
-    async def ask_claude(self, prompt: str, **options: Any) -> ClaudeExecutionResult:
-        """Async twin of CoworkClient.ask_claude."""
-        from .claude import async_ask_claude
-
-        return await async_ask_claude(self, prompt, **options)
-
-    def ask_stream(self, prompt: str, **options: Any) -> AsyncAskStream:
-        """Async twin of CoworkClient.ask_stream: `async for ev in client.ask_stream(...)`."""
-        from .claude import async_ask_stream
-
-        return async_ask_stream(self, prompt, **options)
-
-    async def claude_version(self) -> dict[str, Any]:
-        from .claude import async_claude_version
-
-        return await async_claude_version(self)
+    async def logs(
+        self, net: bool = False, tail: int = 100, follow: bool = False
+    ) -> AsyncIterator[str]:
+        """The agent's audit log (or egress log with `net`), one JSON object string per entry."""
+        entries = await self._worker.call(self._sync.logs, net, tail, follow)
+        async for entry in self._worker.iterate(entries, entries.cancel):
+            yield entry
 
 
-class AsyncExecStream:
-    """Async iterator of exec events, with write/close_stdin/signal/resize/cancel."""
+class AsyncCoworkClient:
+    """CoworkClient for asyncio: `async with AsyncCoworkClient(...) as vm:`.
+
+    The same parts (`vm.process`, `vm.files`, `vm.claude`, `vm.policy`), names
+    and parameters as CoworkClient, awaited. At most `max_workers` calls are in
+    flight at once; more wait for a free worker thread.
+    """
 
     def __init__(
         self,
-        client: AsyncCoworkClient,
-        spec: process_pb2.ProcessSpec,
-        stdin: bytes | str | None,
-        interactive: bool,
+        target: str | None = None,
+        token_file: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        max_workers: int = MAX_WORKERS,
     ) -> None:
-        self._client = client
-        self._spec = spec
-        self._stdin = stdin
-        self._interactive = interactive
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._call: Any = None
-        self.pid = 0
-        self.exit: Exited | None = None
+        self.sync = CoworkClient(target, token_file, connect_timeout=connect_timeout)
+        self._worker = _Worker(self.sync.connection, max_workers)
+        self.process = AsyncProcess(self.sync, self._worker)
+        self.files = AsyncFiles(self.sync, self._worker)
+        self.claude = AsyncClaude(self.sync, self._worker)
+        self.policy = AsyncPolicy(self.sync, self._worker)
 
-    async def _requests(self) -> AsyncIterator[process_pb2.ExecRequest]:
-        yield process_pb2.ExecRequest(start=self._spec)
-        if not self._interactive:
-            for msg in rq.stdin_messages(self._stdin):
-                yield msg
-            if not self._spec.pty:
-                return
-        while True:
-            item = await self._queue.get()
-            if item is _END:
-                return
-            yield item
+    @property
+    def target(self) -> Target:
+        """The parsed target this client talks to."""
+        return self.sync.target
 
-    def write(self, data: bytes) -> None:
-        self._queue.put_nowait(process_pb2.ExecRequest(stdin=data))
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a call waits for an unreachable agent before its one retry."""
+        return self.sync.connect_timeout
 
-    def close_stdin(self) -> None:
-        self._queue.put_nowait(process_pb2.ExecRequest(close_stdin=True))
+    async def close(self) -> None:
+        """Close the channel (and relay) and the worker threads."""
+        self._worker.close()
+        self.sync.close()
 
-    def signal(self, signum: int) -> None:
-        self._queue.put_nowait(process_pb2.ExecRequest(signal=signum))
+    async def __aenter__(self) -> AsyncCoworkClient:
+        """`async with AsyncCoworkClient(...) as vm:` closes the client at the end."""
+        return self
 
-    def resize(self, rows: int, cols: int) -> None:
-        size = process_pb2.TerminalSize(rows=rows, cols=cols)
-        self._queue.put_nowait(process_pb2.ExecRequest(resize=size))
+    async def __aexit__(self, *exc: object) -> None:
+        """Close the client."""
+        await self.close()
 
-    def cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-        self._queue.put_nowait(_END)
+    # -- the agent and its VM ----------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        """Versions, capabilities and machine facts of the agent."""
+        return await self._worker.call(self.sync.info)
 
-    async def __aiter__(self) -> AsyncIterator[ExecEvent]:
-        stub = self._client._stub("_process")
-        self._call = stub.Exec(self._requests(), metadata=self._client._metadata)
-        try:
-            async for resp in self._call:
-                ev = rq.exec_event(resp)
-                if isinstance(ev, Started):
-                    self.pid = ev.pid
-                elif isinstance(ev, Exited):
-                    self.exit = ev
-                yield ev
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, self._client.target.spec) from None
-        finally:
-            self._queue.put_nowait(_END)
-            if self.exit is None:
-                self._call.cancel()
+    async def capabilities(self) -> frozenset[str]:
+        """The agent's capability names (asked once per connection)."""
+        return await self._worker.call(self.sync.capabilities)
 
-    async def collect(self) -> ExecutionResult:
-        out: list[bytes] = []
-        err: list[bytes] = []
-        async for ev in self:
-            if isinstance(ev, Output):
-                (out if ev.stream == "stdout" else err).append(ev.data)
-        assert self.exit is not None
-        o, e = b"".join(out), b"".join(err)
-        return ExecutionResult(
-            output=o.decode("utf-8", "replace"),
-            error=e.decode("utf-8", "replace"),
-            exit_code=self.exit.shell_code,
-            signal=self.exit.signal,
-            timed_out=self.exit.timed_out,
-            duration_ms=self.exit.duration_ms,
-            stdout=o,
-            stderr=e,
-            oom_killed=self.exit.oom_killed,
+    async def health(self, timeout: float = 2.0) -> bool:
+        """True when the agent answers the standard health check as SERVING."""
+        return await self._worker.call(self.sync.health, timeout)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the agent is healthy; raise AgentUnavailable after `timeout` seconds."""
+        await self._worker.call(self.sync.wait_ready, timeout)
+
+    async def is_vm_running(self) -> bool:
+        """Lima targets: the VM's state from limactl; other targets: the agent answers health."""
+        return await self._worker.call(self.sync.is_vm_running)
+
+    async def start_vm(self) -> None:
+        """Start the Lima VM behind a lima: target and wait for its agent."""
+        await self._worker.call(self.sync.start_vm)
+
+    async def stop_vm(self) -> None:
+        """Stop the Lima VM behind a lima: target."""
+        await self._worker.call(self.sync.stop_vm)
+
+    # -- the seed controller's names -------------------------------------------------------
+    async def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:
+        """The seed API: run a command in the VM, return output, error text and exit code."""
+        return await self._worker.call(self.sync.execute_in_vm, command, **kwargs)
+
+    async def read_file(self, path: str) -> str:
+        """The seed API: a guest text file's content (UTF-8); as `files.read_file`."""
+        return await self.files.read_file(path)
+
+    async def write_file(
+        self,
+        path: str,
+        content: str | bytes,
+        *,
+        mode: int = 0,
+        create_parents: bool = True,
+        overwrite: bool = True,
+    ) -> FileInfo:
+        """The seed API: write a guest file atomically (all or nothing); as `files.write_file`."""
+        return await self.files.write_file(
+            path, content, mode=mode, create_parents=create_parents, overwrite=overwrite
         )
+
+    async def ask_claude(self, prompt: str, **options: Any) -> ClaudeExecutionResult:
+        """The seed API: run Claude Code on `prompt` in the VM; as `claude.ask`."""
+        return await self.claude.ask(prompt, **options)
+
+    # -- shorthands for the parts (same parameters; see the part's method) -----------------
+    async def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        output_limit: int = 0,
+        limits: Mapping[str, float] | None = None,
+    ) -> ExecutionResult:
+        """Shorthand for `process.run`: run to completion, buffered output."""
+        return await self.process.run(
+            command,
+            stdin=stdin,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            output_limit=output_limit,
+            limits=limits,
+        )
+
+    def exec(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | str | Iterable[bytes] | Any = None,
+        interactive: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        pty: bool = False,
+        rows: int = 0,
+        cols: int = 0,
+        term: str = "",
+        limits: Mapping[str, float] | None = None,
+    ) -> AsyncExecStream:
+        """Shorthand for `process.exec`: start a process and stream its events."""
+        return self.process.exec(
+            command,
+            stdin=stdin,
+            interactive=interactive,
+            env=env,
+            cwd=cwd,
+            timeout=timeout,
+            pty=pty,
+            rows=rows,
+            cols=cols,
+            term=term,
+            limits=limits,
+        )
+
+    async def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:
+        """Shorthand for `files.stat`."""
+        return await self.files.stat(path, follow_symlinks)
+
+    async def list_dir(self, path: str, recursive: bool = False) -> list[FileInfo]:
+        """Shorthand for `files.list_dir`."""
+        return await self.files.list_dir(path, recursive)
+
+    async def read_bytes(self, path: str, offset: int = 0, length: int = 0) -> bytes:
+        """Shorthand for `files.read_bytes`."""
+        return await self.files.read_bytes(path, offset, length)
+
+    async def read_chunks(
+        self, path: str, offset: int = 0, length: int = 0
+    ) -> tuple[FileInfo, AsyncIterator[bytes]]:
+        """Shorthand for `files.read_chunks`."""
+        return await self.files.read_chunks(path, offset, length)
+
+    async def remove(self, path: str, recursive: bool = False, missing_ok: bool = False) -> bool:
+        """Shorthand for `files.remove`."""
+        return await self.files.remove(path, recursive, missing_ok)
+
+    async def mkdir(self, path: str, parents: bool = True, exist_ok: bool = True) -> FileInfo:
+        """Shorthand for `files.mkdir`."""
+        return await self.files.mkdir(path, parents, exist_ok)
+
+    async def rename(self, source: str, destination: str, overwrite: bool = False) -> FileInfo:
+        """Shorthand for `files.rename`."""
+        return await self.files.rename(source, destination, overwrite)
+
+    async def symlink(
+        self,
+        target: str,
+        path: str,
+        *,
+        overwrite: bool = True,
+        create_parents: bool = True,
+        mtime_ns: int = 0,
+    ) -> FileInfo:
+        """Shorthand for `files.symlink`."""
+        return await self.files.symlink(
+            target, path, overwrite=overwrite, create_parents=create_parents, mtime_ns=mtime_ns
+        )
+
+    async def upload(
+        self,
+        local: str,
+        remote: str,
+        *,
+        progress: Progress | None = None,
+        follow_symlinks: bool = False,
+    ) -> TransferResult:
+        """Shorthand for `files.upload`: copy a local file or tree to the guest, like `cp -a`."""
+        return await self.files.upload(
+            local, remote, progress=progress, follow_symlinks=follow_symlinks
+        )
+
+    async def download(
+        self,
+        remote: str,
+        local: str,
+        *,
+        progress: Progress | None = None,
+        follow_symlinks: bool = False,
+    ) -> TransferResult:
+        """Shorthand for `files.download`: copy a guest file or tree here, like `cp -a`."""
+        return await self.files.download(
+            remote, local, progress=progress, follow_symlinks=follow_symlinks
+        )
+
+    async def get_policy(self) -> dict[str, Any]:
+        """Shorthand for `policy.get`."""
+        return await self.policy.get()
+
+    async def set_policy(
+        self,
+        yaml: str | None = None,
+        *,
+        allow: str | None = None,
+        deny: str | None = None,
+        preset: str | None = None,
+    ) -> dict[str, Any]:
+        """Shorthand for `policy.set`."""
+        return await self.policy.set(yaml, allow=allow, deny=deny, preset=preset)
+
+    def logs(self, net: bool = False, tail: int = 100, follow: bool = False) -> AsyncIterator[str]:
+        """Shorthand for `policy.logs`."""
+        return self.policy.logs(net, tail, follow)
+
+    def ask_stream(self, prompt: str, **options: Any) -> AsyncAskStream:
+        """Shorthand for `claude.stream`: Claude Code's events as they happen."""
+        return self.claude.stream(prompt, **options)
+
+    async def claude_version(self) -> dict[str, Any]:
+        """Shorthand for `claude.version`."""
+        return await self.claude.version()

@@ -1,7 +1,7 @@
 """Claude Code through the agent: `ask_claude` (one result) and `ask_stream` (typed events).
 
-Plain dataclasses, no protobuf in user code. The CoworkClient and
-AsyncCoworkClient methods are thin wrappers over the functions here.
+Plain dataclasses, no protobuf in user code; pure (no I/O, no client import).
+The calls are made by host_client.api.claude (`vm.claude`), which uses these.
 
 Auth comes from the host environment: ANTHROPIC_API_KEY, CLAUDE_CODE_OAUTH_TOKEN
 (`claude setup-token`) and ANTHROPIC_BASE_URL are forwarded per call when set
@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import grpc
-import grpc.aio
+from typing import Any
 
 from cowork.agent.v1 import claude_pb2 as pb
 
-from .errors import CoworkError, from_rpc_error
+from .errors import CoworkError
 from .models import ExecutionResult
-
-if TYPE_CHECKING:
-    from .aio import AsyncCoworkClient
-    from .client import CoworkClient
 
 # Host variables forwarded to each run when set (never printed or stored).
 AUTH_ENV = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_BASE_URL")
@@ -399,79 +392,8 @@ def text_of(events: Sequence[ClaudeEvent]) -> str:
     return "".join(e.text for e in events if isinstance(e, AssistantText) and not e.partial)
 
 
-# -- sync -------------------------------------------------------------------------------
-class AskStream:
-    """A running Claude.Ask: iterate it for events; `cancel()` stops the remote run.
-
-    Leaving the iteration early (break, exception, KeyboardInterrupt) cancels
-    the call, which makes the agent interrupt and reap the CLI.
-    """
-
-    def __init__(self, client: CoworkClient, request: pb.AskRequest) -> None:
-        self._client = client
-        self._request = request
-        self._call: Any = None
-        self.events: list[ClaudeEvent] = []
-        self.finished = False
-
-    def cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-
-    def __iter__(self) -> Iterator[ClaudeEvent]:
-        stub = self._client._stub("_claude")
-        md = self._client._metadata
-
-        def start() -> tuple[Any, Any]:
-            call = stub.Ask(self._request, metadata=md)
-            self._call = call
-            try:
-                return call, next(call)
-            except StopIteration:
-                return call, None
-
-        call, first = self._client._call(start)
-        try:
-            if first is None:
-                return
-            for resp in _chain(first, call):
-                ev = event_from_pb(resp)
-                self.events.append(ev)
-                if isinstance(ev, (ClaudeResult, ClaudeError)):
-                    self.finished = True
-                yield ev
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self._client.target.spec) from None
-        finally:
-            if not self.finished:
-                call.cancel()
-
-    def collect(self) -> ClaudeExecutionResult:
-        for _ in self:
-            pass
-        return summarize(self.events)
-
-
-def _chain(first: Any, rest: Any) -> Iterator[Any]:
-    yield first
-    yield from rest
-
-
-def ask_stream(client: CoworkClient, prompt: str, **options: Any) -> AskStream:
-    return AskStream(client, ask_request(prompt, **options))
-
-
-def ask_claude(client: CoworkClient, prompt: str, **options: Any) -> ClaudeExecutionResult:
-    return ask_stream(client, prompt, **options).collect()
-
-
-def claude_version(client: CoworkClient) -> dict[str, Any]:
-    stub = client._stub("_claude")
-    resp = client._call(lambda: stub.Version(pb.ClaudeVersionRequest(), metadata=client._metadata))
-    return _version_dict(resp)
-
-
-def _version_dict(resp: pb.ClaudeVersionResponse) -> dict[str, Any]:
+def version_dict(resp: pb.ClaudeVersionResponse) -> dict[str, Any]:
+    """Claude.Version as a plain dict."""
     return {
         "installed": resp.installed,
         "version": resp.version,
@@ -483,93 +405,9 @@ def _version_dict(resp: pb.ClaudeVersionResponse) -> dict[str, Any]:
     }
 
 
-# -- async ------------------------------------------------------------------------------
-class AsyncAskStream:
-    """Async twin of AskStream: `async for ev in stream`; `cancel()` stops the run."""
-
-    def __init__(self, client: AsyncCoworkClient, request: pb.AskRequest) -> None:
-        self._client = client
-        self._request = request
-        self._call: Any = None
-        self.events: list[ClaudeEvent] = []
-        self.finished = False
-
-    def cancel(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[ClaudeEvent]:
-        stub = self._client._stub("_claude")
-        md = self._client._metadata
-        self._call = stub.Ask(self._request, metadata=md)
-        try:
-            async for resp in _retrying(self._client, self._request, self):
-                ev = event_from_pb(resp)
-                self.events.append(ev)
-                if isinstance(ev, (ClaudeResult, ClaudeError)):
-                    self.finished = True
-                yield ev
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, self._client.target.spec) from None
-        finally:
-            if not self.finished and self._call is not None:
-                self._call.cancel()
-
-    async def collect(self) -> ClaudeExecutionResult:
-        async for _ in self:
-            pass
-        return summarize(self.events)
-
-
-async def _retrying(
-    client: AsyncCoworkClient, request: pb.AskRequest, stream: AsyncAskStream
-) -> AsyncIterator[Any]:
-    """The call's messages; a call that never reached the agent (UNAVAILABLE before any
-    message) is retried once after the channel is ready again."""
-    got_any = False
-    try:
-        async for resp in stream._call:
-            got_any = True
-            yield resp
-        return
-    except grpc.aio.AioRpcError as exc:
-        if got_any or exc.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        import asyncio
-
-        try:
-            await asyncio.wait_for(client.channel.channel_ready(), client.connect_timeout)
-        except asyncio.TimeoutError:
-            raise exc from None
-    stub = client._stub("_claude")
-    stream._call = stub.Ask(request, metadata=client._metadata)
-    async for resp in stream._call:
-        yield resp
-
-
-def async_ask_stream(client: AsyncCoworkClient, prompt: str, **options: Any) -> AsyncAskStream:
-    return AsyncAskStream(client, ask_request(prompt, **options))
-
-
-async def async_ask_claude(
-    client: AsyncCoworkClient, prompt: str, **options: Any
-) -> ClaudeExecutionResult:
-    return await async_ask_stream(client, prompt, **options).collect()
-
-
-async def async_claude_version(client: AsyncCoworkClient) -> dict[str, Any]:
-    stub = client._stub("_claude")
-    resp = await client._call(
-        lambda: stub.Version(pb.ClaudeVersionRequest(), metadata=client._metadata)
-    )
-    return _version_dict(resp)
-
-
 __all__ = [
     "AUTH_ENV",
-    "AskStream",
     "AssistantText",
-    "AsyncAskStream",
     "ClaudeError",
     "ClaudeEvent",
     "ClaudeExecutionResult",

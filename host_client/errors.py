@@ -52,6 +52,12 @@ class Cancelled(CoworkError):
     code = "CANCELLED"
 
 
+class Unsupported(CoworkError):
+    """The agent lacks what a call needs (a capability, an RPC): update the agent."""
+
+    code = "UNIMPLEMENTED"
+
+
 _BY_CODE: dict[str, type[CoworkError]] = {
     c.code: c
     for c in (
@@ -63,6 +69,7 @@ _BY_CODE: dict[str, type[CoworkError]] = {
         AgentUnavailable,
         DeadlineExceeded,
         Cancelled,
+        Unsupported,
     )
 }
 

@@ -48,6 +48,11 @@ class ChannelHandle:
             self._relay = Relay(self.target)
         return str(self._relay.address)
 
+    @property
+    def relay(self) -> Any:
+        """The relay of a vsock:/hvsock: target once it runs (host_client.relay.Relay), or None."""
+        return self._relay
+
     def sync_channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.address(), options=CHANNEL_OPTIONS)
 

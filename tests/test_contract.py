@@ -20,7 +20,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cowork.agent.v1 import claude_pb2, claude_pb2_grpc, process_pb2, process_pb2_grpc
+from cowork.agent.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    claude_pb2,
+    claude_pb2_grpc,
+    process_pb2,
+    process_pb2_grpc,
+)
 from guest_agent.server import bwrap_works
 from host_client import AsyncCoworkClient, CoworkClient
 
@@ -82,10 +89,21 @@ class _OomClaude(claude_pb2_grpc.ClaudeServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "scripted servicer: Ask only")
 
 
+class _Agent(agent_pb2_grpc.AgentServicer):
+    """Agent.Info listing `capabilities` (what an older or smaller agent would list)."""
+
+    def __init__(self, capabilities: list[str]) -> None:
+        self.capabilities = capabilities
+
+    def Info(self, request: object, context: object) -> agent_pb2.InfoResponse:
+        return agent_pb2.InfoResponse(capabilities=self.capabilities)
+
+
 @pytest.fixture
 def oom_server() -> Iterator[tuple[str, str]]:
     d = Path(tempfile.mkdtemp(prefix="cw-oom-", dir="/tmp"))
     server = grpc.server(futures.ThreadPoolExecutor(4))
+    agent_pb2_grpc.add_AgentServicer_to_server(_Agent(["process.exec", "claude"]), server)
     process_pb2_grpc.add_ProcessServicer_to_server(_OomProcess(), server)
     claude_pb2_grpc.add_ClaudeServicer_to_server(_OomClaude(), server)
     server.add_insecure_port(f"unix:{d}/s.sock")

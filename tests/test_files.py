@@ -202,13 +202,8 @@ def test_checksum_mismatch_is_data_loss_and_keeps_target(agent: AgentProc, workd
 def test_write_refuses_to_overwrite_unless_asked(agent: AgentProc, workdir: Path) -> None:
     target = workdir / "exists.txt"
     target.write_text("keep")
-    with agent.client() as c:
-        from host_client import requests as rq
-
-        src = rq.UploadSource(str(target), data=b"new", overwrite=False)
-        stub = c._stub("_files")
-        with pytest.raises(AlreadyExists):
-            c._call(lambda: stub.Write(iter(src), metadata=c._metadata))
+    with agent.client() as c, pytest.raises(AlreadyExists):
+        c.files.write_file(str(target), b"new", overwrite=False)
     assert target.read_text() == "keep"
 
 

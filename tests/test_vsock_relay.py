@@ -147,7 +147,7 @@ def test_refused_guest_port_gives_unavailable_and_relay_keeps_the_reason(
         c = CoworkClient(hv.target(9999), str(agent.token_file), connect_timeout=1.0)
         with pytest.raises(AgentUnavailable):
             c.info()
-        relay = c._handle._relay
+        relay = c.connection.relay
         assert relay is not None and relay.last_error is not None
         assert "9999" in relay.last_error and hv.path in relay.last_error
         c.close()

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from .common import CliError, fail, make_client, print_json
 
 if TYPE_CHECKING:
-    from ..claude import AskStream, AssistantText, ClaudeEvent
+    from ..api.claude import AskStream
+    from ..claude import AssistantText, ClaudeEvent
 
 ASK_HELP = """\
 Ask Claude Code (running inside the sandbox) to do something, and watch it work.

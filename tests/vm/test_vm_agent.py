@@ -185,5 +185,5 @@ def test_agent_restart_client_recovers(vm: VM, vclient: CoworkClient) -> None:
     record("restart_recovery_s", round(time.monotonic() - t0, 2))
     assert r.output == "after\n" and r.exit_code == 0
     assert main_pid() != before
-    relay = vclient._handle._relay
+    relay = vclient.connection.relay
     assert relay is not None and relay.connections >= 2  # the relay dialled the guest again

@@ -1,0 +1,122 @@
+"""vm.claude: Claude Code in the guest (the Claude service).
+
+Events, request building and the folding of a run into a result are pure
+and live in host_client.claude; this module only makes the calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from cowork.agent.v1 import claude_pb2 as pb
+from cowork.agent.v1 import claude_pb2_grpc
+
+from ..claude import (
+    ClaudeError,
+    ClaudeEvent,
+    ClaudeExecutionResult,
+    ClaudeResult,
+    ask_request,
+    event_from_pb,
+    summarize,
+    version_dict,
+)
+from .connection import Connection
+
+FEATURE = "Claude Code runs"
+
+
+class Claude:
+    """The Claude service: `ask` (one result), `stream` (typed events), `version`."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def _stub(self) -> claude_pb2_grpc.ClaudeStub:
+        return claude_pb2_grpc.ClaudeStub(self._conn.channel)
+
+    def ask(self, prompt: str, **options: Any) -> ClaudeExecutionResult:
+        """Run Claude Code on `prompt` in the VM; output = the result text, exit_code 0/1.
+
+        Options: cwd, model, max_turns, max_budget_usd, permission_mode,
+        allowed_tools, disallowed_tools, append_system_prompt, resume,
+        continue_session, session_id, fork_session, include_partial_messages,
+        timeout, env, forward_auth, tool_result_limit (host_client.claude.ask_request).
+        """
+        return self.stream(prompt, **options).collect()
+
+    def stream(self, prompt: str, **options: Any) -> AskStream:
+        """Like `ask`, but yields the run's typed events as they happen."""
+        request = ask_request(prompt, **options)
+        self._conn.require("claude", FEATURE)
+        return AskStream(self._conn, self._stub(), request)
+
+    def version(self) -> dict[str, Any]:
+        """Whether the CLI is installed in the VM, its version, path and run-as user."""
+        self._conn.require("claude", FEATURE)
+        resp = self._conn.unary(self._stub().Version, pb.ClaudeVersionRequest())
+        return version_dict(resp)
+
+
+class AskStream:
+    """A running Claude.Ask: iterate it for events; `cancel()` stops the remote run.
+
+    Leaving the iteration early (break, exception, KeyboardInterrupt) cancels
+    the call, which makes the agent interrupt and reap the CLI.
+    """
+
+    def __init__(
+        self, conn: Connection, stub: claude_pb2_grpc.ClaudeStub, request: pb.AskRequest
+    ) -> None:
+        self._conn = conn
+        self._stub = stub
+        self._request = request
+        self._call: Any = None
+        self.events: list[ClaudeEvent] = []
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Stop the remote run (its stream ends with a cancelled ClaudeError)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    def __iter__(self) -> Iterator[ClaudeEvent]:
+        """Start the run (on first iteration) and yield its events."""
+
+        def start() -> tuple[Any, pb.AskEvent | None]:
+            call = self._stub.Ask(self._request, metadata=self._conn.metadata)
+            self._call = call
+            try:
+                return call, next(iter(call))
+            except StopIteration:
+                return call, None
+
+        call, first = self._conn.call(start)
+        try:
+            if first is None:
+                return
+            for resp in _chain(first, call):
+                ev = event_from_pb(resp)
+                self.events.append(ev)
+                if isinstance(ev, (ClaudeResult, ClaudeError)):
+                    self.finished = True
+                yield ev
+        except grpc.RpcError as exc:
+            raise self._conn.error(exc) from None
+        finally:
+            if not self.finished:
+                call.cancel()
+
+    def collect(self) -> ClaudeExecutionResult:
+        """Drain the stream into a ClaudeExecutionResult."""
+        for _ in self:
+            pass
+        return summarize(self.events)
+
+
+def _chain(first: pb.AskEvent, rest: Iterator[pb.AskEvent]) -> Iterator[pb.AskEvent]:
+    yield first
+    yield from rest
