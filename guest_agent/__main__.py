@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable; for tests and split-horizon setups, like curl --resolve)",
     )
     p.add_argument(
+        "--api-ca-cert",
+        metavar="PATH",
+        help="PEM CA certificate(s) the Claude API relay trusts for the API host, beside the "
+        "system's (a TLS-inspecting gateway, or tests); verification is never off",
+    )
+    p.add_argument(
         "--vsock-peer-cid",
         action="append",
         type=int,
@@ -197,6 +203,19 @@ def secret_paths(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def api_ca_file(path: str | None) -> str | None:
+    """--api-ca-cert, checked now: a file that cannot be loaded fails the start in one line."""
+    if not path:
+        return None
+    import ssl
+
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"cowork-agent: --api-ca-cert {path}: {exc}") from None
+    return os.path.abspath(path)
+
+
 def vsock_peers(args: argparse.Namespace) -> list[int] | None:
     """The CIDs allowed to connect over vsock (None = any), checked like every other flag."""
     if args.vsock_any_peer:
@@ -240,6 +259,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         limits=not args.no_limits,
         egress_log_file=args.egress_log,
         egress_resolve=parse_resolve(args.egress_resolve),
+        api_ca_file=api_ca_file(args.api_ca_cert),
         secret_paths=secret_paths(args),
     )
 

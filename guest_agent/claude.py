@@ -25,6 +25,11 @@ How a run works:
   group or not (setsid, double forks), is stopped (Spawned.teardown and
   reaper.py). Nothing outlives the RPC, and a pipe only something outside the
   run still holds is no longer read.
+- The API credential never reaches the CLI (issue #13): the request's
+  ANTHROPIC_API_KEY / CLAUDE_CODE_OAUTH_TOKEN (else the one Auth.Set holds) stays
+  in the agent; the CLI gets a placeholder and an ANTHROPIC_BASE_URL on the
+  run's API relay (api_relay.py): 127.0.0.1:3129 inside the box, or a private
+  loopback port without one. No credential at all: FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ from cowork.agent.v1 import claude_pb2 as pb
 from cowork.agent.v1 import claude_pb2_grpc as pb_grpc
 from cowork.defaults import KILL_GRACE_SECONDS
 
+from . import credentials as creds
+from .api_relay import ApiRelay, Endpoint, Route
 from .config import AgentConfig
+from .egress import OFFLINE, EgressLog
 from .errors import AgentError, denied, invalid, not_found
 from .info import AgentService
 from .paths import PathPolicy
@@ -70,7 +78,7 @@ from .process import (
 )
 from .reaper import REAPER
 from .rpc import Context, audit
-from .sandbox import Launch, RunUser, Sandbox, drop_to, lookup_user
+from .sandbox import RELAY_URL, Launch, RunUser, Sandbox, drop_to, lookup_user
 
 # Limits on what one event may carry: each must fit one gRPC message (~4 MiB,
 # MAX_MESSAGE_BYTES), whatever the CLI prints, or whatever a process of the run
@@ -106,6 +114,11 @@ _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argv or environment string
+E2BIG_MESSAGE = (
+    "the prompt options and environment are too big for the OS "
+    "(E2BIG: the kernel takes 128 KiB per value and about 2 MiB in all)"
+)
 
 
 # -- who runs it, and which binary --------------------------------------------------
@@ -184,8 +197,12 @@ def build_argv(exe: str, req: pb.AskRequest) -> list[str]:
 
 
 def build_env(req: pb.AskRequest, user: RunUser) -> dict[str, str]:
-    """The run's environment: the agent's (minus COWORK_*), the user's identity, the request's."""
+    """The run's environment: the agent's (minus COWORK_*), the user's identity, the request's;
+    never a credential or base URL, from the request or the agent's own environment (the
+    run's API relay supplies a placeholder and its own base URL)."""
     env = base_environment()
+    for name in (*creds.CREDENTIAL_ENV, creds.BASE_URL_ENV):
+        env.pop(name, None)
     if not user.is_self:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell)
     for key, value in RUN_ENV_DEFAULTS.items():
@@ -193,6 +210,10 @@ def build_env(req: pb.AskRequest, user: RunUser) -> dict[str, str]:
     for key, value in req.env.items():
         if not _ENV_NAME_RE.match(key) or "\x00" in value:
             raise invalid(f"invalid environment variable name or value: {key!r}")
+        if len(key) + len(value.encode()) + 2 > MAX_ARG_STRLEN:
+            raise invalid(E2BIG_MESSAGE)  # checked before the credential is looked for
+        if key in creds.CREDENTIAL_ENV or key == creds.BASE_URL_ENV:
+            continue  # the agent's to keep (run_credential)
         env[key] = value
     # The CLI refuses to bypass permissions as root unless told it is in a
     # sandbox, which it is: this is the sandbox VM. It wants exactly "1" (an
@@ -559,6 +580,16 @@ def _lines(sink: Any) -> Any:
     return feed, flush
 
 
+def _no_proxy_for_loopback(env: dict[str, str]) -> None:
+    """An inherited HTTP(S)_PROXY must not carry the CLI's calls to its loopback relay."""
+    if not any(k.lower() in ("http_proxy", "https_proxy", "all_proxy") for k in env):
+        return
+    for name in ("NO_PROXY", "no_proxy"):
+        have = [x for x in env.get(name, "").split(",") if x.strip()]
+        if "127.0.0.1" not in have:
+            env[name] = ",".join([*have, "127.0.0.1"])
+
+
 # -- processes ----------------------------------------------------------------------------
 def _spawn(
     argv: list[str],
@@ -567,6 +598,8 @@ def _spawn(
     user: RunUser,
     sandbox: Sandbox | None = None,
     limits: Limits | None = None,
+    mode: str | None = None,
+    relay: Any = None,
 ) -> tuple[Spawned, int]:
     """Start the CLI in a new session; return it and the write end of its stdin.
 
@@ -578,7 +611,8 @@ def _spawn(
     """
     launch: Launch | None = None
     if sandbox is not None:  # the sandbox switches user itself (and boxes it, per policy)
-        launch = sandbox.launch(argv, env, cwd, pty=False, limits=limits)
+        launch = sandbox.launch(argv, env, cwd, pty=False, limits=limits, mode=mode)
+        launch.relay = relay
         argv, env = launch.argv, launch.env
     else:
         argv = drop_to(user) + argv  # empty when the CLI runs as the agent's own user
@@ -611,10 +645,7 @@ def _spawn(
         if isinstance(exc, PermissionError):
             raise denied(f"cannot run {argv[0]}: {exc.strerror}") from None
         if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
-            raise invalid(
-                "the prompt options and environment are too big for the OS "
-                "(E2BIG: the kernel takes 128 KiB per value and about 2 MiB in all)"
-            ) from None
+            raise invalid(E2BIG_MESSAGE) from None
         if isinstance(exc, OSError):
             raise AgentError(grpc.StatusCode.INTERNAL, f"cannot start claude: {exc}") from None
         raise
@@ -663,10 +694,14 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         paths: PathPolicy,
         interrupt_grace: float = INTERRUPT_GRACE_SECONDS,
         sandbox: Sandbox | None = None,
+        relay: ApiRelay | None = None,
+        credentials: creds.CredentialStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.paths = paths
         self.sandbox = sandbox
+        self.relay = relay or ApiRelay(lambda: OFFLINE, EgressLog())
+        self.credentials = credentials or creds.CredentialStore()
         self.kill_grace = cfg.kill_grace or KILL_GRACE_SECONDS
         self.interrupt_grace = interrupt_grace
         self._version_cache: dict[tuple[str, float], str] = {}
@@ -787,6 +822,19 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                     await sp.wait_exited()
         await sp.teardown(self.kill_grace)
 
+    def run_credential(self, request: pb.AskRequest) -> creds.Credential:
+        """The run's credential: the request's, else the one held (with the request's base URL
+        when it gives one); FAILED_PRECONDITION when there is none."""
+        given = creds.from_request_env(dict(request.env))
+        if given is not None:
+            return given
+        held = self.credentials.get()
+        if held is None:
+            raise creds.missing(self.credentials)
+        if request.env.get(creds.BASE_URL_ENV):
+            return held.with_upstream(creds.parse_base_url(request.env[creds.BASE_URL_ENV]))
+        return held
+
     async def Ask(self, request: pb.AskRequest, context: Context) -> AsyncIterator[pb.AskEvent]:
         if not request.prompt and not (request.resume or request.continue_session):
             raise invalid("prompt is empty")
@@ -798,8 +846,10 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         cwd = self._cwd(request)
         argv = build_argv(exe, request)
         env = build_env(request, user)
+        limits = limits_of(request.limits)
+        credential = self.run_credential(request)  # after every check of the request itself
         limit = min(request.tool_result_limit or TOOL_RESULT_LIMIT, TOOL_RESULT_MAX_LIMIT)
-        # Never the prompt or env values: only their size and names.
+        # Never the prompt, env values or the credential: sizes, names, the header.
         audit(
             argv=argv,
             cwd=cwd,
@@ -807,12 +857,40 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             prompt_bytes=len(request.prompt.encode()),
             env_keys=sorted(request.env.keys()),
             timeout_ms=request.timeout_ms,
+            credential=credential.header,
+            credential_source=credential.source,
+            api=credential.upstream.url,
         )
-        sp, stdin_fd = _spawn(argv, cwd, env, user, self.sandbox, limits_of(request.limits))
+        mode = self.sandbox.mode() if self.sandbox is not None else "none"
+        route = Route(credential, boxed=mode == "bwrap")
+        endpoint: Endpoint | None = None
+        if route.boxed:
+            env.update(route.env(RELAY_URL))
+        else:
+            endpoint = await self.relay.serve_loopback(route)
+            env.update(route.env(endpoint.base_url))
+            _no_proxy_for_loopback(env)
+        try:
+            sp, stdin_fd = _spawn(
+                argv,
+                cwd,
+                env,
+                user,
+                self.sandbox,
+                limits,
+                mode=mode,
+                relay=self.relay.handler(route) if route.boxed else None,
+            )
+        except BaseException:
+            if endpoint is not None:
+                endpoint.close()
+            raise
         try:
             await sp.activate(self.sandbox, self.kill_grace)
         except BaseException:
             os.close(stdin_fd)
+            if endpoint is not None:
+                endpoint.close()
             raise
         audit(pid=sp.pid, sandbox=sp.launch is not None and sp.launch.info_r is not None)
         state = _RunState()
@@ -940,6 +1018,8 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             # Cancelled tasks unregister their fds before the fds are closed.
             await asyncio.gather(readers, *tasks, return_exceptions=True)
             sp.close_fds()
+            if endpoint is not None:
+                endpoint.close()
             self._active.pop(cancel, None)
             ended.set()
 
@@ -1017,9 +1097,11 @@ def register(
     paths: PathPolicy,
     agent: AgentService,
     sandbox: Sandbox | None = None,
+    relay: ApiRelay | None = None,
+    credentials: creds.CredentialStore | None = None,
 ) -> None:
     """Add the Claude service to `server` and tell Agent.Info how to report the CLI."""
-    service = ClaudeService(cfg, paths, sandbox=sandbox)
+    service = ClaudeService(cfg, paths, sandbox=sandbox, relay=relay, credentials=credentials)
     pb_grpc.add_ClaudeServicer_to_server(service, server)
     agent.claude_info = service.info
     if "claude" not in agent.capabilities:

@@ -31,5 +31,7 @@ class AgentConfig:
     egress_resolve: dict[str, str] = field(default_factory=dict)
     # Give each run its own cgroup v2 with the policy's limits (when the host has v2).
     limits: bool = True
+    # Extra CA certificates the API relay trusts for the API host (beside the system's).
+    api_ca_file: str | None = None
     # Paths the sandbox hides (token file, sockets, logs): filled in by __main__.
     secret_paths: list[str] = field(default_factory=list)

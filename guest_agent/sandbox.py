@@ -45,6 +45,9 @@ from .errors import AgentError, denied, precondition
 from .policy import Limits
 
 PROXY_PORT = 3128
+# The API relay's port inside a box (api_relay.py): the run's ANTHROPIC_BASE_URL.
+RELAY_PORT = 3129
+RELAY_URL = f"http://127.0.0.1:{RELAY_PORT}"
 PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
 NO_PROXY = "localhost,127.0.0.1,::1"
 SANDBOX_HOSTNAME = "cowork-sandbox"
@@ -161,6 +164,8 @@ class Launch:
     child_fds: list[int] = field(default_factory=list)
     # The run's own cgroup (limits), removed when the run is over.
     cgroup: RunCgroup | None = None
+    # Serves the run's API relay listener (127.0.0.1:RELAY_PORT in the box), if any.
+    relay: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any] | None = None
 
     def close_child_fds(self) -> None:
         for fd in self.child_fds:
@@ -195,6 +200,7 @@ class Boxed:
         self.init_pid: int | None = None  # the box's pid 1 (bwrap's reaper), host numbering
         self._command: int | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.relay_server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
 
     def serving(
@@ -238,16 +244,18 @@ class Boxed:
         3.13); a request the box made just before it ended would otherwise hold
         an upstream connection for as long as the origin keeps it open.
         """
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        for server in (self.server, self.relay_server):
+            if server is not None:
+                server.close()
+        self.server = self.relay_server = None
         for task in self._connections:
             task.cancel()
         self._connections.clear()
 
 
-def _setns_listener(ns_path: str) -> socket.socket:
-    """A TCP listener on 127.0.0.1:PROXY_PORT created inside the network namespace `ns_path`.
+def _setns_listener(ns_path: str, ports: tuple[int, ...] = (PROXY_PORT,)) -> list[socket.socket]:
+    """TCP listeners on 127.0.0.1:PORT (each of `ports`) created inside the network namespace
+    `ns_path`.
 
     setns(CLONE_NEWNET) changes only the calling thread, and a socket keeps the
     namespace it was created in, so a fresh thread switches and then simply ends
@@ -264,22 +272,27 @@ def _setns_listener(ns_path: str) -> socket.socket:
                     raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
             finally:
                 os.close(target)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: lo may not be up yet
-            s.bind(("127.0.0.1", PROXY_PORT))
-            s.listen(64)
-            s.setblocking(False)
-            result["sock"] = s
+            made: list[socket.socket] = []
+            result["socks"] = made
+            for port in ports:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                made.append(s)
+                s.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND: lo may not be up yet
+                s.bind(("127.0.0.1", port))
+                s.listen(64)
+                s.setblocking(False)
         except BaseException as exc:
             result["error"] = exc
 
     t = threading.Thread(target=work, name="cowork-netns")
     t.start()
     t.join()
+    socks: list[socket.socket] = result.get("socks", [])
     if "error" in result:
+        for s in socks:
+            s.close()
         raise result["error"]
-    sock: socket.socket = result["sock"]
-    return sock
+    return socks
 
 
 _LIBC: ctypes.CDLL | None = None
@@ -420,9 +433,11 @@ class Sandbox:
         cwd: str,
         pty: bool,
         limits: Limits | None = None,
+        mode: str | None = None,
     ) -> Launch:
-        """The command line that runs `argv` (argv[0] absolute) as configured."""
-        launch = self._launch(argv, env, cwd, pty)
+        """The command line that runs `argv` (argv[0] absolute) as configured; `mode` (the
+        policy's sandbox mode, read by the caller) when the caller's env depends on it."""
+        launch = self._launch(argv, env, cwd, pty, mode or self.mode())
         if self.cgroups is not None and self.cgroups.available:
             try:
                 launch.cgroup = self.cgroups.create_run(self.effective_limits(limits))
@@ -436,12 +451,14 @@ class Sandbox:
                 launch.argv = launch.cgroup.prefix() + launch.argv
         return launch
 
-    def _launch(self, argv: list[str], env: dict[str, str], cwd: str, pty: bool) -> Launch:
+    def _launch(
+        self, argv: list[str], env: dict[str, str], cwd: str, pty: bool, mode: str
+    ) -> Launch:
         user = self.identity.user
         env = dict(env)
         if self.identity.mode == "user":
             env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
-        if self.mode() != "bwrap":
+        if mode != "bwrap":
             inner = drop_to(user) + argv
             if pty:
                 inner = [require_tool("setsid"), "--ctty", *inner]
@@ -539,9 +556,22 @@ class Sandbox:
                 # bwrap refused to start (its reason is on the process's stderr,
                 # and its exit code follows): nothing to bridge.
                 return box
-            if self.proxy_handler is not None:
-                lsock = _setns_listener(f"/proc/{box.init_pid}/ns/net")
-                box.server = await asyncio.start_server(box.serving(self.proxy_handler), sock=lsock)
+            ports: tuple[int, ...] = (PROXY_PORT,) if self.proxy_handler is not None else ()
+            if launch.relay is not None:
+                ports += (RELAY_PORT,)
+            socks = _setns_listener(f"/proc/{box.init_pid}/ns/net", ports) if ports else []
+            try:
+                if self.proxy_handler is not None:
+                    box.server = await asyncio.start_server(
+                        box.serving(self.proxy_handler), sock=socks.pop(0)
+                    )
+                if launch.relay is not None:
+                    box.relay_server = await asyncio.start_server(
+                        box.serving(launch.relay), sock=socks.pop(0)
+                    )
+            finally:
+                for s in socks:  # not handed to a server (one failed to start)
+                    s.close()
             try:
                 os.write(launch.block_w, b"1")
             except BrokenPipeError:

@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from cowork.agent.v1 import (
     agent_pb2,
     agent_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
     claude_pb2,
     files_pb2,
     files_pb2_grpc,
@@ -31,8 +33,10 @@ from cowork.defaults import MAX_MESSAGE_BYTES
 
 from . import claude, listeners, reaper
 from . import policy as pol
+from .api_relay import ApiRelay
 from .cgroups import Cgroups
 from .config import AgentConfig
+from .credentials import AuthService, CredentialStore
 from .dataplane import DataPlane, UnixDataListener
 from .egress import EgressLog, EgressProxy, public_resolver
 from .errors import AgentError
@@ -133,6 +137,15 @@ class AgentServer:
             self.egress_log,
             public_resolver(cfg.egress_resolve),
         )
+        # The Claude API credential (memory only) and the relay that adds it to runs' calls.
+        self.credentials = CredentialStore()
+        self.relay = ApiRelay(
+            lambda: self.policy.current.egress(),
+            self.egress_log,
+            public_resolver(cfg.egress_resolve),
+            cfg.egress_resolve,
+            cfg.api_ca_file,
+        )
         self.sandbox = Sandbox(
             identity=self.identity,
             roots=list(self.paths.roots),
@@ -172,7 +185,10 @@ class AgentServer:
         policy_pb2_grpc.add_PolicyServicer_to_server(
             PolicyService(self.policy, self.audit_ring, self.egress_log), self.server
         )
-        claude.register(self.server, cfg, self.paths, self.agent, self.sandbox)
+        claude.register(
+            self.server, cfg, self.paths, self.agent, self.sandbox, self.relay, self.credentials
+        )
+        auth_pb2_grpc.add_AuthServicer_to_server(AuthService(self.credentials), self.server)
         self.health = Health()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [
@@ -181,6 +197,7 @@ class AgentServer:
             files_pb2.DESCRIPTOR.services_by_name["Files"].full_name,
             claude_pb2.DESCRIPTOR.services_by_name["Claude"].full_name,
             policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
+            auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
@@ -256,6 +273,7 @@ class AgentServer:
         await asyncio.gather(
             claude.cancel_all("the agent is shutting down"), self.server.stop(grace)
         )
+        await self.relay.aclose()
         reaper.REAPER.close()
 
     async def serve_forever(self) -> None:

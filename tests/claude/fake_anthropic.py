@@ -11,12 +11,18 @@ The CLI also makes side requests that are not turns of the conversation
 (token counting, quota probes, title/topic generation with a small model).
 `is_conversation` tells them apart by shape: a conversation turn streams and
 offers tools. Side requests get a short generic answer and are recorded too.
+
+With `tls` (an ssl.SSLContext with a test CA's server certificate) it speaks
+HTTPS, like the real API; `credentials` then records what each request
+authenticated with (`x-api-key: ...` / `authorization: Bearer ...`), so tests
+of the agent's API relay can check that the model received the real one.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,16 +106,24 @@ _SAFE_HEADERS = ("user-agent", "anthropic-version", "anthropic-beta", "x-app", "
 class FakeAnthropic:
     """Start with `with FakeAnthropic() as api:`; queue replies with `api.script(...)`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
         self._replies: list[Reply] = []
         self.requests: list[Recorded] = []
+        self.tls = tls
+        # (header name, value) each request authenticated with, in order.
+        self.credentials: list[tuple[str, str]] = []
         self.default_text = "OK"
         self._closing = threading.Event()
         # Set when a Hang reply has started streaming (the CLI is mid-turn).
         self.hanging = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
+        if tls is not None:
+            # Each connection's handshake runs in its own handler thread (not in accept()).
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     # -- control -------------------------------------------------------------
@@ -119,7 +133,7 @@ class FakeAnthropic:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def script(self, *replies: Reply) -> None:
         with self._lock:
@@ -164,6 +178,15 @@ class FakeAnthropic:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                if isinstance(self.request, ssl.SSLSocket):
+                    self.request.settimeout(30)
+                    try:
+                        self.request.do_handshake()
+                    except (OSError, ssl.SSLError):
+                        pass  # the handler then reads nothing and ends
+                super().setup()
 
             def do_HEAD(self) -> None:
                 self.send_response(200)
@@ -242,6 +265,9 @@ class FakeAnthropic:
         hdrs = {k: str(headers.get(k)) for k in _SAFE_HEADERS if headers.get(k) is not None}
         with self._lock:
             self.requests.append(Recorded(method, path, body, hdrs, conv))
+            for name in ("x-api-key", "authorization"):
+                for value in headers.get_all(name) or ():
+                    self.credentials.append((name, str(value)))
 
 
 def _usage(inp: int = 10, out: int = 5) -> dict[str, int]:

@@ -1,9 +1,10 @@
 """The real Claude Code CLI inside the bubblewrap sandbox, its API traffic through the proxy.
 
-The box has only loopback; the CLI reaches the (fake) Messages API at a name on
-the policy's allow list through HTTP(S)_PROXY=127.0.0.1:3128, which the agent
-bridges to its egress proxy. The name is mapped to the fake's loopback address
-by `--egress-resolve`: nothing leaves this machine.
+The box has only loopback; the CLI reaches the (fake) Messages API through the
+agent's API relay (127.0.0.1:3129 in the box), which adds the credential and
+dials a name on the policy's allow list over TLS (a test CA the agent trusts
+with --api-ca-cert). The name is mapped to the fake's loopback address by
+`--egress-resolve`: nothing leaves this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tests.claude.conftest import (
     make_claude_agent,
 )
 from tests.claude.fake_anthropic import FakeAnthropic, Text
+from tests.claude.tls_ca import TestCA, make_test_ca
 
 pytestmark = pytest.mark.timeout(180)
 API_NAME = "api.allowed.test"
@@ -36,12 +38,18 @@ def boxed_claude(
     user = create_run_as_user()
     policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy.write_text(f"sandbox: bwrap\nnetwork:\n  preset: offline\n  allow: [{API_NAME}]\n")
+    ca = tmp_path_factory.mktemp("ca")
+    make_test_ca(ca, [API_NAME], ["127.0.0.1"])
     try:
         agent = make_claude_agent(
             claude_bin,
             user,
-            ["--policy", str(policy), "--egress-resolve", f"{API_NAME}=127.0.0.1"],
+            [
+                *("--policy", str(policy), "--egress-resolve", f"{API_NAME}=127.0.0.1"),
+                *("--api-ca-cert", str(ca / "ca.pem")),
+            ],
         )
+        agent.extra["ca"] = TestCA(ca / "ca.pem", ca / "server.pem", ca / "server.key")
         try:
             yield agent
         finally:
@@ -51,10 +59,16 @@ def boxed_claude(
         delete_run_as_user(user)
 
 
+@pytest.fixture
+def api(boxed_claude: ClaudeAgent) -> Iterator[FakeAnthropic]:
+    """The fake model over HTTPS, with the certificate of the agent's test CA."""
+    with FakeAnthropic(tls=boxed_claude.extra["ca"].server_context()) as fake:
+        yield fake
+
+
 def _env(api: FakeAnthropic) -> dict[str, str]:
-    port = api.base_url.rsplit(":", 1)[1]
     return {
-        "ANTHROPIC_BASE_URL": f"http://{API_NAME}:{port}",
+        "ANTHROPIC_BASE_URL": f"https://{API_NAME}:{api.port}",
         "ANTHROPIC_API_KEY": FAKE_KEY,
         "CLAUDE_CODE_MAX_RETRIES": "0",
     }

@@ -1,0 +1,505 @@
+"""The API relay: where a Claude run's placeholder credential becomes the real one.
+
+The CLI of a run gets `ANTHROPIC_BASE_URL=http://127.0.0.1:PORT` and a
+placeholder credential (a random value, new per run). PORT is served by the
+agent: inside the box's network namespace (bridged like the egress proxy's
+3128, sandbox.py), or, without a box, on a private loopback port of its own.
+For each request the relay
+
+- checks that it carries the run's placeholder (`x-api-key`, or
+  `Authorization: Bearer`): anything else in the box that finds the port gets
+  401 from the relay, not the credential;
+- asks the egress policy whether the API host may be reached (in a box; the
+  call is logged in the egress log like any other, host and byte counts only);
+- swaps the placeholder for the real credential (`x-api-key` for an API key,
+  `Authorization: Bearer` for an OAuth token) and forwards the request over
+  TLS, verified against the system's CAs (plus --api-ca-cert), to the API
+  host; http:// only to a loopback address (credentials.parse_base_url);
+- streams the answer back as it arrives: each read is written on at once, so
+  an SSE stream is not buffered (bench/claude_latency.py measures the cost).
+
+One request per client connection, `Connection: close` both ways: the relay
+keeps no keep-alive state. Request and response bodies are bounded, the
+request head must arrive within `header_timeout`, and the upstream may stay
+silent at most `idle_timeout` (the API's own streams ping every few seconds).
+A wrong credential is the API's business: its 401 goes back unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .credentials import Credential
+from .egress import (
+    _BAD_VALUE_CHARS,
+    _REQUEST_LINE,
+    _STATUS_LINE,
+    CHUNK,
+    DomainPolicy,
+    EgressLog,
+    EgressRecord,
+    Resolver,
+    _close,
+    _describe,
+    _drop_list,
+    _HttpError,
+    _parse_head,
+    _read_head,
+)
+
+log = logging.getLogger("cowork.agent.relay")
+
+REQUEST_LIMIT = 64 * 1024 * 1024  # the API takes at most 32 MB per request
+RESPONSE_LIMIT = 512 * 1024 * 1024
+HEADER_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+IDLE_TIMEOUT = 600.0  # the CLI's own API timeout
+# Headers never forwarded upstream: the placeholder's carriers (the real one is
+# added), and what only concerns the hop to the relay.
+_STRIPPED = frozenset({"x-api-key", "authorization", "host", "proxy-authorization"})
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Route:
+    """One run's way to the API: its credential, its placeholder, whether it is boxed."""
+
+    credential: Credential
+    boxed: bool
+    placeholder: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.placeholder:
+            prefix = "sk-ant-api03" if self.credential.kind == "api_key" else "sk-ant-oat01"
+            self.placeholder = f"{prefix}-cowork-placeholder-{secrets.token_hex(16)}"
+
+    def env(self, base_url: str) -> dict[str, str]:
+        """What the CLI gets instead of the credential."""
+        return {self.credential.env_name: self.placeholder, "ANTHROPIC_BASE_URL": base_url}
+
+    def carries_placeholder(self, headers: list[tuple[str, str]]) -> bool:
+        want = self.placeholder.encode()
+        return any(
+            hmac.compare_digest(given.encode("latin-1"), want) for given in _offered(headers)
+        )
+
+
+def _offered(headers: list[tuple[str, str]]) -> list[str]:
+    """The credentials a request offers: its x-api-key and Authorization: Bearer values."""
+    out = []
+    for name, value in headers:
+        low = name.lower()
+        if low == "authorization":
+            scheme, _, given = value.partition(" ")
+            if scheme.lower() == "bearer":
+                out.append(given.strip())
+        elif low == "x-api-key":
+            out.append(value.strip())
+    return out
+
+
+@dataclass
+class Endpoint:
+    """A run's registration on the agent's loopback relay (runs without a box): the port is
+    shared, the placeholder picks the run. close() ends the run's connections."""
+
+    relay: ApiRelay
+    route: Route
+    port: int
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.relay._endpoints.pop(self.route.placeholder, None)
+        for task in self.tasks:
+            task.cancel()
+        self.tasks.clear()
+
+
+class _Refused(Exception):
+    """An answer the relay gives itself, as the API would: status + JSON error body."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+def _error(status: int, kind: str, message: str) -> bytes:
+    body = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+    head = (
+        f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_PHRASES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+}
+
+
+class ApiRelay:
+    """Serves runs' relay connections; one instance per agent.
+
+    `policy` is the egress policy (asked per request, for boxed runs);
+    `resolve` maps an allowed host to the address dialled (the egress proxy's:
+    public addresses only, plus --egress-resolve overrides) for boxed runs;
+    unboxed runs dial `overrides` or the name itself.
+    """
+
+    def __init__(
+        self,
+        policy: Callable[[], DomainPolicy],
+        egress_log: EgressLog,
+        resolve: Resolver | None = None,
+        overrides: dict[str, str] | None = None,
+        ca_file: str | None = None,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        request_limit: int = REQUEST_LIMIT,
+        response_limit: int = RESPONSE_LIMIT,
+    ) -> None:
+        self._policy = policy
+        self._log = egress_log
+        self._resolve = resolve
+        self._overrides = {k.lower().rstrip("."): v for k, v in (overrides or {}).items()}
+        self._tls = ssl.create_default_context()
+        if ca_file:
+            self._tls.load_verify_locations(cafile=ca_file)
+        self.header_timeout = header_timeout
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.request_limit = request_limit
+        self.response_limit = response_limit
+        self.active = 0
+        # The loopback listener for runs without a box (one per agent, started on first
+        # use) and the runs registered on it, by placeholder.
+        self._loopback: asyncio.Server | None = None
+        self._loopback_lock = asyncio.Lock()
+        self._endpoints: dict[str, Endpoint] = {}
+
+    def handler(self, route: Route) -> Handler:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.handle(route, reader, writer)
+
+        return serve
+
+    async def serve_loopback(self, route: Route) -> Endpoint:
+        """Register `route` (a run without a box) on the agent's loopback relay, a free port on
+        127.0.0.1 shared by such runs: a request's placeholder says whose it is."""
+        async with self._loopback_lock:
+            if self._loopback is None:
+                self._loopback = await asyncio.start_server(
+                    self._serve_loopback, "127.0.0.1", 0, limit=CHUNK, backlog=64
+                )
+        port = int(self._loopback.sockets[0].getsockname()[1])
+        endpoint = Endpoint(self, route, port)
+        self._endpoints[route.placeholder] = endpoint
+        return endpoint
+
+    async def _serve_loopback(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self.handle(None, reader, writer)
+
+    def _lookup(self, headers: list[tuple[str, str]]) -> Route | None:
+        """The registered run whose placeholder the request carries; its task joins the run's."""
+        for given in _offered(headers):
+            endpoint = self._endpoints.get(given)
+            if endpoint is not None:
+                task = asyncio.current_task()
+                if task is not None:
+                    endpoint.tasks.add(task)
+                    task.add_done_callback(endpoint.tasks.discard)
+                return endpoint.route
+        return None
+
+    async def aclose(self) -> None:
+        """Agent shutdown: stop the loopback listener and every run's connections."""
+        for endpoint in list(self._endpoints.values()):
+            endpoint.close()
+        if self._loopback is not None:
+            self._loopback.close()
+            self._loopback = None
+
+    # -- one connection -----------------------------------------------------------
+    async def handle(
+        self, route: Route | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one connection: `route` is the box's run, or None on the shared loopback
+        relay (the request's placeholder finds the run)."""
+        rec = EgressRecord(ts=time.time(), host="", port=0, method="", allowed=False, reason="")
+        started = False
+        t0 = time.monotonic()
+        origin_w: asyncio.StreamWriter | None = None
+        self.active += 1
+        try:
+            try:
+                got = await asyncio.wait_for(_read_head(reader), self.header_timeout)
+            except asyncio.TimeoutError:
+                return
+            except _HttpError as e:
+                raise _Refused(e.status, "invalid_request_error", e.message) from None
+            if got is None:
+                return
+            started = True
+            head, leftover = got
+            try:
+                first, headers = _parse_head(head)
+            except _HttpError as e:
+                raise _Refused(e.status, "invalid_request_error", e.message) from None
+            m = _REQUEST_LINE.fullmatch(first)
+            if m is None or not m[2].startswith("/"):
+                raise _Refused(400, "invalid_request_error", "cowork api relay: bad request line")
+            method, target = m[1], m[2]
+            rec.method = method
+            if route is None:
+                route = self._lookup(headers)
+            if route is None or not route.carries_placeholder(headers):
+                rec.reason = "api relay: no placeholder credential"
+                raise _Refused(
+                    401,
+                    "authentication_error",
+                    "cowork api relay: this request does not carry the run's placeholder "
+                    "credential",
+                )
+            up = route.credential.upstream
+            rec.host, rec.port = up.host, up.port
+            self._body_length(headers)
+            if route.boxed:
+                rec.allowed, rec.reason = self._decide(up.host)
+                if not rec.allowed:
+                    raise _Refused(
+                        403,
+                        "permission_error",
+                        f"cowork egress policy: {up.host} is not allowed ({rec.reason})",
+                    )
+                rec.reason += " (api relay)"
+            else:
+                rec.allowed, rec.reason = True, "no sandbox: not policed (api relay)"
+            origin_r, origin_w = await self._dial(route)
+            drop = _drop_list(headers) | _STRIPPED
+            cred = route.credential
+            lines = [f"{method} {up.prefix}{target} HTTP/1.1", f"Host: {up.authority}"]
+            lines += [f"{n}: {v}" for n, v in headers if n.lower() not in drop]
+            lines += [f"{cred.header}: {cred.header_value()}", "Connection: close"]
+            request_head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            await self._exchange(reader, writer, origin_r, origin_w, request_head, leftover, rec)
+        except _Refused as r:
+            rec.status = r.status
+            rec.error = rec.error or r.message
+            with contextlib.suppress(OSError):
+                writer.write(_error(r.status, r.kind, r.message))
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            rec.error = rec.error or _describe(exc)
+        except asyncio.CancelledError:
+            # The run ended (its listener closed) or the agent stops; this is the top
+            # of a connection task nothing awaits (see EgressProxy.handle).
+            rec.error = rec.error or "cancelled"
+        except Exception as exc:
+            log.warning("api relay connection failed: %s", _describe(exc))
+            rec.error = rec.error or _describe(exc)
+        finally:
+            self.active -= 1
+            try:
+                if origin_w is not None:
+                    await _close(origin_w)
+                await _close(writer)
+            finally:
+                if started:
+                    rec.duration_ms = round((time.monotonic() - t0) * 1000, 3)
+                    self._log.add(rec)
+
+    def _body_length(self, headers: list[tuple[str, str]]) -> int | None:
+        """The request body's Content-Length (None when chunked); 413 over the limit (a
+        chunked body is counted as it is relayed)."""
+        lengths = [v for n, v in headers if n.lower() == "content-length"]
+        chunked = any(n.lower() == "transfer-encoding" for n, _ in headers)
+        if lengths and chunked:
+            raise _Refused(400, "invalid_request_error", "both Content-Length and chunked")
+        if not lengths:
+            return None
+        if len(set(lengths)) != 1 or not lengths[0].isdigit():
+            raise _Refused(400, "invalid_request_error", "bad Content-Length")
+        n = int(lengths[0])
+        if n > self.request_limit:
+            raise _Refused(
+                413,
+                "request_too_large",
+                f"cowork api relay: the request is larger than {self.request_limit} bytes",
+            )
+        return n
+
+    def _decide(self, host: str) -> tuple[bool, str]:
+        try:
+            return self._policy().decide(host)
+        except Exception as exc:  # fail closed, as the egress proxy does
+            log.exception("egress policy failed; denying %s", host)
+            return False, f"policy error ({type(exc).__name__}); denied"
+
+    async def _dial(self, route: Route) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        up = route.credential.upstream
+
+        async def dial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            if route.boxed and self._resolve is not None:
+                addr, port = await self._resolve(up.host, up.port)
+            else:
+                addr, port = self._overrides.get(up.host, up.host), up.port
+            if not up.tls:
+                return await asyncio.open_connection(addr, port, limit=CHUNK)
+            return await asyncio.open_connection(
+                addr, port, limit=CHUNK, ssl=self._tls, server_hostname=up.host
+            )
+
+        try:
+            reader, writer = await asyncio.wait_for(dial(), self.connect_timeout)
+        except PermissionError as exc:  # the resolver refused the address
+            raise _Refused(403, "permission_error", f"cowork egress policy: {exc}") from None
+        except asyncio.TimeoutError:
+            raise _Refused(
+                504,
+                "api_error",
+                f"cowork api relay: connecting to {up.authority} timed out after "
+                f"{self.connect_timeout:g}s",
+            ) from None
+        except ssl.SSLError as exc:
+            raise _Refused(
+                502, "api_error", f"cowork api relay: TLS with {up.authority} failed: {exc}"
+            ) from None
+        except OSError as exc:
+            raise _Refused(
+                502, "api_error", f"cowork api relay: cannot connect to {up.authority}: {exc}"
+            ) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    async def _exchange(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        origin_r: asyncio.StreamReader,
+        origin_w: asyncio.StreamWriter,
+        request_head: bytes,
+        leftover: bytes,
+        rec: EgressRecord,
+    ) -> None:
+        async def up() -> None:
+            origin_w.write(request_head + leftover)
+            rec.bytes_up += len(request_head) + len(leftover)
+            await origin_w.drain()
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                rec.bytes_up += len(data)
+                if rec.bytes_up > self.request_limit + len(request_head):
+                    raise _Refused(
+                        413,
+                        "request_too_large",
+                        f"cowork api relay: the request is larger than {self.request_limit} bytes",
+                    )
+                origin_w.write(data)
+                await origin_w.drain()
+
+        up_t = asyncio.ensure_future(up())
+        down_t = asyncio.ensure_future(self._response(origin_r, writer, rec))
+        try:
+            while True:
+                done, _ = await asyncio.wait({up_t, down_t}, return_when=asyncio.FIRST_COMPLETED)
+                if down_t in done:
+                    down_t.result()
+                    return
+                exc = up_t.exception()
+                if isinstance(exc, _Refused):
+                    raise exc
+                # The upstream stopped reading (it may answer before taking the whole
+                # body) or the client half-closed: the answer still comes back.
+                await down_t
+                return
+        finally:
+            for t in (up_t, down_t):
+                t.cancel()
+            await asyncio.gather(up_t, down_t, return_exceptions=True)
+
+    async def _read(self, origin: asyncio.StreamReader) -> bytes:
+        return await asyncio.wait_for(origin.read(CHUNK), self.idle_timeout)
+
+    async def _response(
+        self, origin: asyncio.StreamReader, writer: asyncio.StreamWriter, rec: EgressRecord
+    ) -> None:
+        """The upstream's answer: its head filtered, then the body as it arrives."""
+        try:
+            got = await asyncio.wait_for(_read_head(origin), self.idle_timeout)
+            if got is None:
+                raise _HttpError(502, "the connection closed before a response")
+            head, rest = got
+            first, headers = _parse_head(head)
+        except asyncio.TimeoutError:
+            raise _Refused(
+                504, "api_error", f"cowork api relay: no answer within {self.idle_timeout:g}s"
+            ) from None
+        except _HttpError as e:
+            raise _Refused(
+                502, "api_error", f"cowork api relay: bad response from the API: {e.message}"
+            ) from None
+        m = _STATUS_LINE.fullmatch(first)
+        if m is None:
+            raise _Refused(502, "api_error", "cowork api relay: bad status line from the API")
+        rec.status = int(m[2])
+        drop = _drop_list(headers)
+        lines = [f"HTTP/1.1 {m[2]} {m[3] or ''}".rstrip()]
+        lines += [
+            f"{n}: {v}"
+            for n, v in headers
+            if n.lower() not in drop and not _BAD_VALUE_CHARS.search(v)
+        ]
+        lines.append("Connection: close")
+        out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        writer.write(out + rest)
+        rec.bytes_down += len(out) + len(rest)
+        await writer.drain()
+        while True:
+            data = await self._read(origin)
+            if not data:
+                break
+            rec.bytes_down += len(data)
+            if rec.bytes_down > self.response_limit:
+                rec.error = f"the response passed {self.response_limit} bytes: cut"
+                return
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(OSError):
+            if writer.can_write_eof():
+                writer.write_eof()
