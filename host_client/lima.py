@@ -479,9 +479,13 @@ def stop_vm(name: str, progress: Progress | None = None) -> None:
 
 # -- the template -----------------------------------------------------------------
 def template_dir() -> Path:
-    """The lima/ directory: $COWORK_LIMA_DIR, else the one beside this package's source."""
+    """The lima/ directory: $COWORK_LIMA_DIR, else the one beside this package's source, else
+    (an installed wheel) its copy in the package, host_client/lima_template."""
     configured = os.environ.get("COWORK_LIMA_DIR")
-    d = Path(configured) if configured else Path(__file__).resolve().parent.parent / "lima"
+    here = Path(__file__).resolve().parent
+    d = Path(configured) if configured else here.parent / "lima"
+    if not configured and not (d / "cowork.yaml").is_file():
+        d = here / "lima_template"
     if not (d / "cowork.yaml").is_file():
         raise LimaError(
             f"the Lima template is missing: {d / 'cowork.yaml'} "
