@@ -160,7 +160,7 @@ class AgentServer:
         self.server = grpc.aio.server(
             interceptors=[AgentInterceptor(cfg.token)], options=SERVER_OPTIONS
         )
-        caps = list(CAPABILITIES)
+        caps = [*CAPABILITIES, "auth"]  # Auth: the Claude credential, held in memory
         if any(x.kind == "vsock" for x in self.listens):
             caps.append("listen.vsock")
         if any(x.kind in ("unix", "vsock") for x in self.listens):

@@ -20,6 +20,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     client = make_client(args)
     try:
         info = client.info()
+        info["credential"] = _credential(client, info)
     finally:
         client.close()
     if args.json:
@@ -54,12 +55,31 @@ def cmd_info(args: argparse.Namespace) -> int:
             ),
         ),
         ("claude", claude.get("version") or "not installed"),
+        ("credential", _credential_line(info["credential"])),
         ("capabilities", ", ".join(info["capabilities"])),
         ("uptime", f"{info['uptime_seconds']:.0f}s"),
     ]
     for key, value in rows:
         print(f"{key:13} {value}")
     return 0
+
+
+def _credential(client: Any, info: dict[str, Any]) -> dict[str, Any]:
+    """Auth.Status (where the Claude credential lives), or {} from an agent without it."""
+    if "auth" not in info.get("capabilities", ()):
+        return {}
+    from ..api.auth import Auth
+
+    return Auth(client.connection).status()
+
+
+def _credential_line(status: dict[str, Any]) -> str:
+    if not status:
+        return "agent predates held credentials: runs get the key in their environment"
+    if not status.get("held"):
+        return "none held (runs use the one their request carries; 'coworkctl auth set')"
+    kind = "api key" if status.get("kind") == 1 else "oauth token"
+    return f"{kind} for {status['base_url']}, held in the agent's memory only (never in a box)"
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
