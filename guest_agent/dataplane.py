@@ -67,8 +67,8 @@ log = logging.getLogger("cowork.agent.dataplane")
 audit_log = logging.getLogger("cowork.audit")
 
 MAX_CONNECTIONS = 16
-BUFFER = 4 << 20
-BUFFERS = 3
+BUFFER = 1 << 20
+BUFFERS = 4
 HELLO_TIMEOUT = 30.0
 IO_TIMEOUT = 120.0  # a peer that sends nothing for this long is dropped
 TREE_BATCH = 256  # files written before one syncfs and their renames
@@ -239,8 +239,9 @@ class DataPlane:
             audit_kw = {"path": loc.path, "offset": start}
             _audit_fields(**audit_kw)
             keep = bool(key)  # from here on a cut keeps what arrived
+            t_recv = time.perf_counter()
             received = _receive(conn, fd, size - start, digest, start)
-            _add_bytes(received)
+            _audit_fields(recv_ms=round((time.perf_counter() - t_recv) * 1000))
             trailer = read_message(conn)
             keep = False
             hexdigest = digest.hexdigest()
@@ -249,8 +250,10 @@ class DataPlane:
                     grpc.StatusCode.DATA_LOSS, "sha256 mismatch; target left untouched"
                 )
             closing, fd = fd, -1
+            t_sync = time.perf_counter()
             _finish_temp(closing, mode, mtime_ns)
             _rename(pfd, tmp, pfd, name, overwrite, path)
+            _audit_fields(sync_ms=round((time.perf_counter() - t_sync) * 1000))
             committed = True
             info = _entry_info(pfd, name, loc.path)
             send_message(
@@ -367,13 +370,18 @@ class DataPlane:
                     else:
                         raise invalid(f"unknown tree entry kind {kind!r}")
                 except _Skip as skip:
+                    if not rel:  # the destination itself: the whole copy fails, as over gRPC
+                        raise AgentError(skip.code, skip.reason) from None
                     skipped.append([path, skip.reason])
+                except AgentError as exc:
+                    if not rel or exc.code not in _ENTRY_ERRORS:
+                        raise
+                    skipped.append([path, exc.message])
                 if batch.full():
                     batch.commit()
             batch.commit()
         finally:
             batch.abort()
-        _add_bytes(counts["bytes"])
         _audit_fields(path=base, files=counts["files"])
         send_message(conn, {"ok": True, **counts, "skipped": skipped[:1000]})
 
@@ -397,9 +405,10 @@ class DataPlane:
             _rename(pfd, tmp, pfd, loc.name, True, path)
             tmp = ""
         except AgentError as exc:
-            raise _Skip(exc.message) from None
+            raise _Skip(exc.message, exc.code) from None
         except OSError as exc:
-            raise _Skip(from_oserror(exc, path).message) from None
+            err = from_oserror(exc, path)
+            raise _Skip(err.message, err.code) from None
         finally:
             if tmp:
                 with contextlib.suppress(OSError):
@@ -421,6 +430,7 @@ class DataPlane:
         fd = -1
         tmp = ""
         reason = ""
+        code = grpc.StatusCode.ABORTED
         pfd = -1
         try:
             mode = _int(msg, "m") & 0o7777 or 0o644
@@ -432,20 +442,22 @@ class DataPlane:
             fd, tmp = _open_temp(pfd, loc.name)
             files._own_fd(fd)
         except AgentError as exc:
-            reason = exc.message
+            reason, code = exc.message, exc.code
         except OSError as exc:
-            reason = from_oserror(exc, path).message
+            err = from_oserror(exc, path)
+            reason, code = err.message, err.code
         digest = hashlib.sha256()
         try:
             if fd < 0:  # refused: the bytes still have to be read off the stream
                 _discard(conn, n, buf)
                 read_message(conn)
-                raise _Skip(reason)
+                raise _Skip(reason, code)
             if n <= len(buf):
                 view = memoryview(buf)[:n]
                 _recv_into(conn, view)
                 digest.update(view)
                 _write_all(fd, view)
+                _add_bytes(n)
             else:
                 _receive(conn, fd, n, digest, 0)
             trailer = read_message(conn)
@@ -467,9 +479,21 @@ class DataPlane:
 
 
 class _Skip(Exception):
-    def __init__(self, reason: str) -> None:
+    """One entry of a tree not written; the copy goes on (listed in `skipped`)."""
+
+    def __init__(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.ABORTED) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
+
+
+# What costs a tree one entry rather than the whole copy (host_client.transfer.entry_error).
+_ENTRY_ERRORS = (
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
 
 
 class _Batch:
@@ -497,7 +521,7 @@ class _Batch:
 
     def commit(self) -> None:
         if self.items:
-            _syncfs(self.items[0][0])
+            _syncfs(self.fds[0])  # a file's fd: the parents' are O_PATH
             for fd in self.fds:
                 os.close(fd)
             self.fds = []
@@ -612,6 +636,7 @@ def _receive(conn: socket.socket, fd: int, n: int, digest: Any, base: int) -> in
     finally:
         full.put(None)
         th.join()
+        _add_bytes(written[0])  # what reached the file, also when the connection was cut
     if error:
         raise error[0]
     if cut is not None:

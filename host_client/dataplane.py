@@ -39,11 +39,17 @@ from .models import FileInfo, Skipped, TransferResult
 from .targets import Target
 
 Progress = Callable[[int], None]
-BUFFER = 4 << 20
-BUFFERS = 3
+BUFFER = 1 << 20
+BUFFERS = 4
 SMALL = 1 << 20  # tree files up to this size travel inside the write batches
 BATCH = 1 << 20
 _TYPES = {1: "file", 2: "directory", 3: "symlink", 4: "other"}
+
+
+class NoDataPlane(CoworkError):
+    """Nothing that speaks the data plane answered the hello: use gRPC streaming instead."""
+
+    code = "UNAVAILABLE"
 
 
 class TransferCut(CoworkError):
@@ -126,6 +132,26 @@ class DataPlane:
             raise error("UNAVAILABLE", f"{t.spec}: data connection failed: {exc}") from None
         return s
 
+    def _refusal(self, s: socket.socket, exc: OSError, what: str) -> CoworkError:
+        """Why the agent closed on us mid-send (its error reply), else a TransferCut."""
+        try:
+            s.settimeout(2.0)
+            reply = read_message(s)
+        except (OSError, WireError):
+            reply = {}
+        if reply and not reply.get("ok"):
+            return error(str(reply.get("code", "UNKNOWN")), str(reply.get("message", "")))
+        return TransferCut(f"{what} cut: {exc}")
+
+    def _first_reply(self, s: socket.socket) -> dict[str, Any]:
+        """The agent's answer to the hello; NoDataPlane when what answered is not one
+        (e.g. a vsock peer that relays everything to gRPC: the caller falls back)."""
+        try:
+            reply = read_message(s)
+        except (WireError, OSError) as exc:
+            raise NoDataPlane(f"{self.target.spec}: no data plane answered: {exc}") from None
+        return _check(reply)
+
     def _reply(self, s: socket.socket) -> dict[str, Any]:
         try:
             return _check(read_message(s))
@@ -164,7 +190,7 @@ class DataPlane:
             }
             s = self.connect(hello)
             try:
-                first = self._reply(s)
+                first = self._first_reply(s)
                 offset = int(first.get("offset", 0))
                 digest = hashlib.sha256()
                 if offset:
@@ -176,9 +202,12 @@ class DataPlane:
                 send_message(s, {"sha256": digest.hexdigest()})
                 done = self._reply(s)
             except OSError as exc:
-                raise TransferCut(
-                    f"upload of {local} cut ({exc}); run again with --resume to continue"
-                ) from None
+                err = self._refusal(s, exc, f"upload of {local}")
+                if isinstance(err, TransferCut):
+                    err = TransferCut(
+                        f"upload of {local} cut ({exc}); run again with --resume to continue"
+                    )
+                raise err from None
             finally:
                 s.close()
         info = _info(done["info"])
@@ -240,7 +269,7 @@ class DataPlane:
         s = self.connect({"op": "download", "path": remote})
         tmp = f"{local}.cowork-{os.urandom(4).hex()}.tmp"
         try:
-            first = self._reply(s)
+            first = self._first_reply(s)
             info = _info(first["info"])
             digest = hashlib.sha256()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -281,7 +310,7 @@ class DataPlane:
         buf = bytearray()
         prefix = base.rstrip("/") + "/"
         try:
-            self._reply(s)
+            self._first_reply(s)
             for item in items:
                 rel = "" if item.remote == base else item.remote[len(prefix) :]
                 if item.kind == "dir":
@@ -297,7 +326,7 @@ class DataPlane:
             s.sendall(buf)
             done = self._reply(s)
         except OSError as exc:
-            raise TransferCut(f"upload of {base} cut: {exc}") from None
+            raise self._refusal(s, exc, f"upload of {base}") from None
         finally:
             s.close()
         result = TransferResult(base, int(done.get("bytes", 0)), "", files=int(done["files"]))

@@ -298,14 +298,20 @@ def fast_upload(
     One file: its own connection, resumable. A tree: one connection for all of
     it (10,000 small files are a stream, not 10,000 calls).
     """
+    from .dataplane import NoDataPlane
+
     dp = data_plane(conn)
     if dp is None:
         return None
-    if len(items) == 1 and items[0].kind == "file" and items[0].local == local:
-        r: TransferResult = dp.upload_file(local, remote, progress=progress, resume=resume)
-        r.skipped = skipped
-        return r
-    r = dp.upload_tree(items, remote, progress)
+    try:
+        if len(items) == 1 and items[0].kind == "file" and items[0].local == local:
+            r: TransferResult = dp.upload_file(local, remote, progress=progress, resume=resume)
+            r.skipped = skipped
+            return r
+        r = dp.upload_tree(items, remote, progress)
+    except NoDataPlane:
+        _PLANES[conn] = _NONE  # this target's path does not reach one: gRPC from now on
+        return None
     r.path = remote
     r.skipped = [*skipped, *r.skipped]
     return r
@@ -315,10 +321,16 @@ def fast_download(
     conn: Any, remote: str, local: str, progress: Callable[[int], None] | None
 ) -> TransferResult | None:
     """Download one guest file over the data plane; None when there is none (use gRPC)."""
+    from .dataplane import NoDataPlane
+
     dp = data_plane(conn)
     if dp is None:
         return None
-    _, r = dp.download_file(remote, local, progress)
+    try:
+        _, r = dp.download_file(remote, local, progress)
+    except NoDataPlane:
+        _PLANES[conn] = _NONE
+        return None
     return r  # type: ignore[no-any-return]
 
 

@@ -28,6 +28,7 @@ examples:
   coworkctl cp -r ./src vm:/workspace/src
   coworkctl cp vm:/workspace/out ./out
   coworkctl cp -L ./linked-config vm:/workspace/config   # copy what the link points to
+  coworkctl cp --resume ./big.iso vm:/workspace/         # continue a cut upload
 """
 
 
@@ -46,6 +47,11 @@ def register(sub: Any) -> None:
         help="follow symlinks and copy what they point to (default: copy links as links)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a cut upload of one file from what the agent already verified",
+    )
     p.add_argument("src")
     p.add_argument("dst")
     p.set_defaults(func=cmd_cp)
@@ -127,9 +133,16 @@ def cmd_cp(args: argparse.Namespace) -> int:
                 if getattr(exc, "code", "") != "NOT_FOUND":
                     raise
             bar = Progress(local_size(src, follow), os.path.basename(src), show)
-            result = client.upload(src, dest, progress=bar, follow_symlinks=follow)
+            if args.resume:
+                from ..transfer import resume_upload
+
+                result = resume_upload(client.connection, src, dest, progress=bar)
+            else:
+                result = client.upload(src, dest, progress=bar, follow_symlinks=follow)
         else:
             assert src_r is not None
+            if args.resume:
+                fail("--resume continues uploads (host to vm:PATH); a download is redone whole", 2)
             info = client.stat(src_r, follow_symlinks=follow)
             dest = args.dst
             if os.path.isdir(dest):
