@@ -101,14 +101,51 @@ class HvsockPath:
         self.guest.close()
 
 
-def timed(fn: Callable[[], bool]) -> tuple[float | None, str]:
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_table() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent, cmdline, CPU seconds incl. reaped children) for every process."""
+    out = {}
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{e}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        cpu = sum(int(x) for x in fields[11:15]) / _TICK  # utime stime cutime cstime
+        out[int(e)] = (int(fields[1]), cmd, cpu)
+    return out
+
+
+def cpu_of(roots: set[int], marker: str) -> float:
+    """CPU seconds used so far by `roots` and their descendants (children they reaped
+    included), plus processes whose command line holds `marker` (the ssh ControlMaster)."""
+    table = _proc_table()
+    total = 0.0
+    for pid, (_, cmd, cpu) in table.items():
+        p, seen = pid, 0
+        while p > 1 and p not in roots and seen < 64:
+            p, seen = table.get(p, (0, "", 0.0))[0], seen + 1
+        if p in roots or (marker and marker in cmd):
+            total += cpu
+    return total
+
+
+def timed(fn: Callable[[], bool], cpu: Callable[[], float]) -> tuple[float | None, float, str]:
+    c0 = cpu()
     t0 = time.perf_counter()
     try:
         ok = fn()
     except Exception as exc:  # reported, not fatal: the other methods still run
-        return None, f"{type(exc).__name__}: {str(exc)[:300]}"
+        return None, 0.0, f"{type(exc).__name__}: {str(exc)[:300]}"
     dt = time.perf_counter() - t0
-    return (dt, "") if ok else (None, "size or checksum mismatch")
+    used = cpu() - c0
+    return (dt, used, "") if ok else (None, 0.0, "size or checksum mismatch")
 
 
 def run(mib: int, reps: int, nfiles: int, grpc_tree: bool, out_dir: Path) -> dict[str, Any]:
@@ -204,17 +241,25 @@ def run(mib: int, reps: int, nfiles: int, grpc_tree: bool, out_dir: Path) -> dic
     if grpc_tree:
         plan["tree_upload"]["agent_grpc"] = tree_client(slow, "tree-grpc")
     times: dict[str, dict[str, list[float]]] = {k: {m: [] for m in v} for k, v in plan.items()}
+    cpus: dict[str, dict[str, list[float]]] = {k: {m: [] for m in v} for k, v in plan.items()}
+    assert agent.proc is not None and sshd._proc is not None
+    roots = {os.getpid(), agent.proc.pid, sshd._proc.pid}
+
+    def cpu() -> float:
+        return cpu_of(roots, str(sshd.control_path))
+
     errors: dict[str, dict[str, str]] = {k: {} for k in plan}
     load0 = loadavg()
     try:
         for rep in range(reps):
             for kind, methods in plan.items():
                 for m, fn in methods.items():
-                    dt, err = timed(fn)
+                    dt, used, err = timed(fn, cpu)
                     if dt is None:
                         errors[kind][m] = err
                     else:
                         times[kind][m].append(dt)
+                        cpus[kind][m].append(used)
                     print(f"rep {rep} {kind:11} {m:12} {dt or err}", file=sys.stderr, flush=True)
         checks = {
             "tree_agent_files": count_files(ws / "tree-agent"),
@@ -249,6 +294,7 @@ def run(mib: int, reps: int, nfiles: int, grpc_tree: bool, out_dir: Path) -> dic
                     seconds=round(med, 4),
                     mb_per_s=round(nbytes / 1e6 / med, 1),
                     all_seconds=[round(x, 4) for x in xs],
+                    cpu_seconds=round(statistics.median(cpus[kind][m]), 3),
                 )
             if m in errors[kind]:
                 entry["error"] = errors[kind][m]
@@ -275,15 +321,17 @@ def report(r: dict[str, Any]) -> str:
         f"{r['loadavg_before']} / {r['loadavg_after']}. Checks: {r['checks']}.",
         "Ratios are speed-ups: the other method's time divided by this one's (> 1 = faster).",
         "",
-        "| transfer | method | MB/s | seconds | vs scp | vs ssh cat | vs tar\\|ssh |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| transfer | method | MB/s | seconds | CPU s (both ends) | vs scp | vs ssh cat "
+        "| vs tar\\|ssh |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("upload", "download", "tree_upload"):
         ms = r.get(kind, {})
         for m, e in ms.items():
             lines.append(
                 f"| {kind} | {m} | {e.get('mb_per_s', e.get('error', 'n/a'))} | "
-                f"{e.get('seconds', '')} | {_ratio(e, ms.get('scp'))} | "
+                f"{e.get('seconds', '')} | {e.get('cpu_seconds', '')} | "
+                f"{_ratio(e, ms.get('scp'))} | "
                 f"{_ratio(e, ms.get('ssh_cat'))} | {_ratio(e, ms.get('tar_ssh'))} |"
             )
     lines += [
@@ -293,7 +341,9 @@ def report(r: dict[str, Any]) -> str:
         "hybrid-vsock stand-in and the agent's vsock relay (its first-byte sniff) - no VM, "
         "so no virtio cost; scp / ssh cat / tar | ssh tar x go through one ControlMaster "
         "to a real sshd on loopback. The agent fsyncs every file before the rename "
-        "(trees: one syncfs per 256 files); scp, cat and tar do not.",
+        "(trees: one syncfs per 256 files); scp, cat and tar do not. CPU s = CPU time of "
+        "both ends during the copy (client, agent or ssh/scp/sshd/ControlMaster and what "
+        "they ran), the figure that does not depend on how busy the machine was.",
         "",
     ]
     return "\n".join(lines)

@@ -43,7 +43,11 @@ Import-free beyond the standard library, for the CLI's fast path.
 from __future__ import annotations
 
 import json
+import os
+import queue
 import socket
+import threading
+from collections.abc import Callable
 from typing import Any
 
 MAGIC = b"COWORK-DATA/1\n"
@@ -96,3 +100,109 @@ def read_message(sock: socket.socket) -> dict[str, Any]:
 
 def send_message(sock: socket.socket, obj: dict[str, Any]) -> None:
     sock.sendall(encode(obj))
+
+
+class Cut(ConnectionError):
+    """The sending side ended before all bytes arrived; `written` of them reached the file."""
+
+    def __init__(self, reason: str, written: int) -> None:
+        super().__init__(reason)
+        self.written = written
+
+
+def receive_to_fd(
+    sock: socket.socket,
+    fd: int,
+    n: int,
+    digest: Any,
+    progress: Callable[[int], None] | None = None,
+    after_write: Callable[[int], None] | None = None,
+    buffer: int = 1 << 20,
+    buffers: int = 6,
+) -> int:
+    """Receive exactly n bytes from sock into fd (at its offset) and `digest`; returns n.
+
+    Three stages, each on its own thread, overlap (recv_into, os.write and
+    sha256 all release the GIL): this thread receives into one of `buffers`
+    reused buffers, a second writes it, a third hashes it and frees it. Memory
+    stays at buffers x buffer. When the connection ends early, what was
+    received is still written and hashed before Cut (with that count) is
+    raised, so a resumable partial holds all of it.
+    """
+    if n == 0:
+        return 0
+    size = min(buffer, n)
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(buffers if n > size else 1):
+        free.put(bytearray(size))
+    to_write: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    to_hash: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    errors: list[BaseException] = []
+    written = [0]
+
+    def writer() -> None:
+        while True:
+            item = to_write.get()
+            if item is None:
+                to_hash.put(None)
+                return
+            buf, k = item
+            if not errors:
+                try:
+                    view = memoryview(buf)[:k]
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    if after_write is not None:
+                        after_write(k)
+                except BaseException as exc:
+                    errors.append(exc)
+            to_hash.put(item)
+
+    def hasher() -> None:
+        while True:
+            item = to_hash.get()
+            if item is None:
+                return
+            buf, k = item
+            if not errors:
+                digest.update(memoryview(buf)[:k])
+                written[0] += k
+            free.put(buf)
+
+    threads = [
+        threading.Thread(target=writer, name="cowork-data-write", daemon=True),
+        threading.Thread(target=hasher, name="cowork-data-hash", daemon=True),
+    ]
+    for th in threads:
+        th.start()
+    got = 0
+    cut = ""
+    try:
+        while got < n and not errors and not cut:
+            buf = free.get()
+            view = memoryview(buf)
+            want = min(len(buf), n - got)
+            filled = 0
+            while filled < want:
+                try:
+                    k = sock.recv_into(view[filled:want])
+                except OSError as exc:
+                    cut = str(exc)
+                    break
+                if k == 0:
+                    cut = f"connection closed after {got + filled} of {n} bytes"
+                    break
+                filled += k
+            got += filled
+            to_write.put((buf, filled))
+            if progress is not None and filled:
+                progress(filled)
+    finally:
+        to_write.put(None)
+        for th in threads:
+            th.join()
+    if errors:
+        raise errors[0]
+    if cut:
+        raise Cut(cut, written[0])
+    return got

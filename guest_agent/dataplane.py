@@ -37,7 +37,6 @@ import hashlib
 import hmac
 import logging
 import os
-import queue
 import re
 import socket
 import stat as statmod
@@ -47,7 +46,15 @@ from typing import Any
 
 import grpc
 
-from cowork.dataplane import MAGIC, WireError, read_message, recv_exact, send_message
+from cowork.dataplane import (
+    MAGIC,
+    Cut,
+    WireError,
+    read_message,
+    receive_to_fd,
+    recv_exact,
+    send_message,
+)
 
 from .errors import AgentError, from_oserror, invalid, precondition
 from .files import (
@@ -68,7 +75,8 @@ audit_log = logging.getLogger("cowork.audit")
 
 MAX_CONNECTIONS = 16
 BUFFER = 1 << 20
-BUFFERS = 4
+BUFFERS = 6
+WRITEBACK_EVERY = 64 << 20
 HELLO_TIMEOUT = 30.0
 IO_TIMEOUT = 120.0  # a peer that sends nothing for this long is dropped
 TREE_BATCH = 256  # files written before one syncfs and their renames
@@ -575,72 +583,22 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def _receive(conn: socket.socket, fd: int, n: int, digest: Any, base: int) -> int:
-    """Receive n bytes into fd (at its offset) and digest; returns what was received.
+    """Receive n bytes into fd (cowork.dataplane.receive_to_fd: recv, write and hash each on
+    a thread); writeback starts every 64 MiB so the final fsync has little left to do.
+    The audit line counts what reached the file, also when the connection was cut."""
+    done = [base]
 
-    This thread receives into one of BUFFERS reused buffers while a second one
-    writes and hashes the previous (both release the GIL). On a cut, what was
-    received is written before _Cut is raised, so a resumable partial holds it.
-    """
-    if n == 0:
-        return 0
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(BUFFERS):
-        free.put(bytearray(min(BUFFER, n)))
-    full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-    error: list[BaseException] = []
-    written = [0]
+    def wrote(k: int) -> None:
+        if (done[0] // WRITEBACK_EVERY) != ((done[0] + k) // WRITEBACK_EVERY):
+            _start_writeback(fd, 0, 0)
+        done[0] += k
 
-    def writer() -> None:
-        while True:
-            item = full.get()
-            if item is None:
-                return
-            buf, k = item
-            if not error:
-                try:
-                    view = memoryview(buf)[:k]
-                    _write_all(fd, view)
-                    digest.update(view)
-                    before = written[0]
-                    written[0] += k
-                    if (before + base) // (64 << 20) != (written[0] + base) // (64 << 20):
-                        _start_writeback(fd, 0, 0)
-                except BaseException as exc:
-                    error.append(exc)
-            free.put(buf)
-
-    th = threading.Thread(target=writer, name="cowork-dataplane-write", daemon=True)
-    th.start()
-    got = 0
-    cut: str | None = None
     try:
-        while got < n and not error:
-            buf = free.get()
-            view = memoryview(buf)
-            want = min(len(buf), n - got)
-            filled = 0
-            while filled < want:
-                try:
-                    k = conn.recv_into(view[filled:want])
-                except OSError as exc:
-                    cut = str(exc)
-                    break
-                if k == 0:
-                    cut = f"after {got + filled} of {n} bytes"
-                    break
-                filled += k
-            got += filled
-            full.put((buf, filled))
-            if cut is not None:
-                break
-    finally:
-        full.put(None)
-        th.join()
-        _add_bytes(written[0])  # what reached the file, also when the connection was cut
-    if error:
-        raise error[0]
-    if cut is not None:
-        raise _Cut(cut)
+        got = receive_to_fd(conn, fd, n, digest, after_write=wrote, buffer=BUFFER, buffers=BUFFERS)
+    except Cut as exc:
+        _add_bytes(exc.written)
+        raise _Cut(str(exc)) from None
+    _add_bytes(got)
     return got
 
 

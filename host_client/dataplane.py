@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -27,10 +26,12 @@ from typing import Any
 from cowork.dataplane import (
     CAPABILITY,
     MAGIC,
+    Cut,
     WireError,
     data_socket_path,
     encode,
     read_message,
+    receive_to_fd,
     send_message,
 )
 
@@ -40,7 +41,7 @@ from .targets import Target
 
 Progress = Callable[[int], None]
 BUFFER = 1 << 20
-BUFFERS = 4
+BUFFERS = 6
 SMALL = 1 << 20  # tree files up to this size travel inside the write batches
 BATCH = 1 << 20
 _TYPES = {1: "file", 2: "directory", 3: "symlink", 4: "other"}
@@ -274,7 +275,7 @@ class DataPlane:
             digest = hashlib.sha256()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                _receive(s, fd, info.size, digest, progress)
+                receive_to_fd(s, fd, info.size, digest, progress, buffer=BUFFER, buffers=BUFFERS)
             finally:
                 os.close(fd)
             trailer = read_message(s)
@@ -287,7 +288,7 @@ class DataPlane:
             os.utime(tmp, ns=(info.mtime_ns, info.mtime_ns))
             os.replace(tmp, local)
             tmp = ""
-        except (WireError, OSError) as exc:
+        except (WireError, Cut, OSError) as exc:
             if isinstance(exc, FileExistsError):
                 raise
             raise TransferCut(f"download of {remote} cut: {exc}") from None
@@ -371,57 +372,3 @@ def _hash_range(fd: int, start: int, end: int, digest: Any) -> None:
             raise OSError(f"the file shrank while it was hashed (at {off} of {end} bytes)")
         digest.update(view[:k])
         off += k
-
-
-def _receive(s: socket.socket, fd: int, n: int, digest: Any, progress: Progress | None) -> None:
-    """Receive n bytes into fd; this thread receives, a second writes and hashes."""
-    if n == 0:
-        return
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(BUFFERS):
-        free.put(bytearray(min(BUFFER, n)))
-    full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-    error: list[BaseException] = []
-
-    def writer() -> None:
-        while True:
-            item = full.get()
-            if item is None:
-                return
-            b, k = item
-            if not error:
-                try:
-                    view = memoryview(b)[:k]
-                    while view:
-                        w = os.write(fd, view)
-                        view = view[w:]
-                    digest.update(memoryview(b)[:k])
-                except BaseException as exc:
-                    error.append(exc)
-            free.put(b)
-
-    th = threading.Thread(target=writer, name="cowork-dataplane-write", daemon=True)
-    th.start()
-    got = 0
-    try:
-        while got < n and not error:
-            b = free.get()
-            view = memoryview(b)
-            want = min(len(b), n - got)
-            filled = 0
-            try:
-                while filled < want:
-                    k = s.recv_into(view[filled:want])
-                    if k == 0:
-                        raise WireError(f"connection closed after {got + filled} of {n} bytes")
-                    filled += k
-            finally:
-                full.put((b, filled))
-            got += filled
-            if progress is not None:
-                progress(filled)
-    finally:
-        full.put(None)
-        th.join()
-    if error:
-        raise error[0]

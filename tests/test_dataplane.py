@@ -298,6 +298,7 @@ def test_a_bad_token_is_refused(agent: AgentProc) -> None:
     reply = raw(agent, {"token": "0" * 64, "op": "download", "path": "x"})
     assert reply["ok"] is False and reply["code"] == "UNAUTHENTICATED"
     assert "token" in reply["message"]
+    assert wait_until(lambda: audit(agent, "/cowork.dataplane/?"), 5)
     assert audit(agent, "/cowork.dataplane/?")[-1]["code"] == "UNAUTHENTICATED"
 
 
