@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "host_client.cli.claude_cmd",
     "host_client.cli.auth_cmd",
     "host_client.cli.lima_cmd",
+    "host_client.cli.snapshot_cmd",
     "host_client.cli.policy_cmd",
     "host_client.cli.mux_cmd",
 ]

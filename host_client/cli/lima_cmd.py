@@ -152,7 +152,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", dest="json_out", help="JSON output")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("delete", help="delete the Lima VM (its disk and token)")
+    p = sub.add_parser("delete", help="delete the Lima VM (its disk, token and snapshots)")
     _add_name(p)
     p.add_argument("--force", "-f", action="store_true", help="also when it is running")
     p.set_defaults(func=cmd_delete)
@@ -272,25 +272,33 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if inst.running and not args.force:
         fail(f"VM {name!r} is running: stop it first ('coworkctl stop') or pass --force")
     lima.delete(name, force=args.force)
-    print(f"VM {name!r} deleted")
+    from .. import snapshots
+
+    snapshots.forget_vm(name)
+    print(f"VM {name!r} deleted (with its snapshots)")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from ..snapshots import origin
+
     instances = lima.list_instances()
     if _json(args):
         for inst in instances:
-            print_json(inst.to_dict())
+            print_json({**inst.to_dict(), "origin": origin(inst.name)})
         return 0
     if not instances:
         print("no Lima VMs (create one with 'coworkctl init')")
         return 0
-    print(f"{'NAME':<20} {'STATUS':<10} {'COWORK':<7} {'CPUS':>4} {'MEMORY':>9} {'DISK':>9}")
+    print(
+        f"{'NAME':<20} {'STATUS':<10} {'COWORK':<7} {'CPUS':>4} {'MEMORY':>9} {'DISK':>9}  ORIGIN"
+    )
     for inst in instances:
         cowork = "yes" if lima.is_cowork_instance(inst.name) else "-"
         print(
             f"{inst.name:<20} {inst.status:<10} {cowork:<7} {inst.cpus:>4} "
-            f"{human_bytes(inst.memory):>9} {human_bytes(inst.disk):>9}"
+            f"{human_bytes(inst.memory):>9} {human_bytes(inst.disk):>9}  "
+            f"{origin(inst.name) or '-'}"
         )
     return 0
 

@@ -181,6 +181,14 @@ elif [ ! -s "$TOKEN" ]; then
 fi
 chown root:root "$TOKEN"
 chmod 0600 "$TOKEN"
+# The agent reads the token once, when it starts. A token that differs from the one
+# it was last (re)started with means a restart, or the old token keeps working: a
+# clone's first boot (coworkctl clone), where Lima's data provision wrote the clone's
+# own token over the copy of the base's, while systemd may already have started the
+# agent from the copied disk.
+TOKEN_APPLIED=/etc/cowork/token.applied
+token_sum=$(sha256sum "$TOKEN" | cut -d' ' -f1)
+[ "$(cat "$TOKEN_APPLIED" 2>/dev/null || true)" = "$token_sum" ] || changed=1
 
 # --- the unit ----------------------------------------------------------------
 args=(--listen "unix:$SOCKET")
@@ -365,6 +373,7 @@ case "$start" in 1 | true | yes) ;; *)
   ln -sfn "$UNIT" /etc/systemd/system/multi-user.target.wants/cowork-agent.service
   [ -n "$agent_deps" ] && ln -sfn "$WS_UNIT" /etc/systemd/system/multi-user.target.wants/cowork-workspace.service
   log "installed (not started: no running systemd)"
+  (umask 077 && printf '%s\n' "$token_sum" >"$TOKEN_APPLIED") # read at the agent's first start
   exit 0
   ;;
 esac
@@ -406,4 +415,5 @@ if ! [ -S "$SOCKET" ]; then
   why=$(journalctl --no-pager -o cat _SYSTEMD_UNIT=cowork-agent.service -n 5 2>/dev/null | grep . | tail -n1 || true)
   die "cowork-agent.service does not start (${why:-no output}): check COWORK_AGENT_ARGS (Lima param CoworkAgentArgs), then journalctl -u cowork-agent.service"
 fi
+(umask 077 && printf '%s\n' "$token_sum" >"$TOKEN_APPLIED")
 log "cowork-agent $("$VENV/bin/cowork-agent" --version | awk '{print $2}') running: ${args[*]}"

@@ -31,8 +31,12 @@ def api(vm: LimaHost) -> Iterator[FakeAnthropic]:
         yield fake
 
 
-def _ask(vm: LimaHost, api: FakeAnthropic, prompt: str, *extra: str) -> tuple[int, str, str]:
+def ask(
+    vm: LimaHost, api: FakeAnthropic, prompt: str, *extra: str, target: str = ""
+) -> tuple[int, str, str]:
+    """`coworkctl ask` against the scripted model (on `target`, default the tier's VM)."""
     r = vm.coworkctl(
+        *(["--target", target] if target else []),
         "ask",
         "--env", f"ANTHROPIC_BASE_URL=http://{API_NAME}:{api.port}",
         "--env", f"ANTHROPIC_API_KEY={KEY}",
@@ -47,7 +51,7 @@ def _ask(vm: LimaHost, api: FakeAnthropic, prompt: str, *extra: str) -> tuple[in
 
 def test_claude_answers_through_the_egress_proxy(vm: LimaHost, api: FakeAnthropic) -> None:
     api.script(Text("Hello from the Lima box."))
-    code, out, err = _ask(vm, api, "Say hello.", "-q")
+    code, out, err = ask(vm, api, "Say hello.", "-q")
     assert code == 0, err
     assert out.strip() == "Hello from the Lima box."
     assert api.conversation_requests(), "the fake model saw no request"
@@ -63,7 +67,7 @@ def test_claude_writes_and_runs_code_that_lands_in_the_host_workspace(
         ToolCall("Bash", {"command": run, "description": "run it"}),
         Text("I wrote hello.py and ran it."),
     )
-    code, out, err = _ask(
+    code, out, err = ask(
         vm, api, "Write hello.py and run it", "-q", "--permission-mode", "bypassPermissions"
     )
     assert code == 0, err

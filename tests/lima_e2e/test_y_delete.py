@@ -15,7 +15,9 @@ def test_delete_of_a_running_vm_needs_force_and_says_so(vm: LimaHost) -> None:
 
 
 def test_delete_force_leaves_nothing_behind(vm: LimaHost) -> None:
-    assert coworkctl_ok(vm, "delete", "--force", timeout=300).strip() == f"VM {vm.name!r} deleted"
+    out = coworkctl_ok(vm, "delete", "--force", timeout=300).strip()
+    assert out == f"VM {vm.name!r} deleted (with its snapshots)"
+    assert not (vm.lima_home / "_cowork" / "snapshots" / vm.name).exists()
     assert not vm.inst_dir.exists()  # disk, token, sockets, wheel, logs
     assert [p.name for p in vm.lima_home.iterdir() if not p.name.startswith("_")] == []
     assert vm.processes() == []  # no QEMU, host agent or SSH master of this run
