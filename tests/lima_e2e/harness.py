@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tests.claude.tls_ca import TestCA, make_test_ca
+
 if TYPE_CHECKING:
     from host_client import CoworkClient
 
@@ -433,6 +435,19 @@ class LimaHost:
             else:
                 os.environ["LIMA_HOME"] = old
 
+    # -- the scripted model's TLS ---------------------------------------------------------
+    @property
+    def test_ca(self) -> TestCA:
+        """A CA made for this run, installed in the guest by `init --ca-cert`: the agent's
+        API relay sends the credential over verified TLS only, so the scripted model on the
+        host serves https://api.allowed.test with a certificate this CA signed."""
+        d = self.base / "ca"
+        if not (d / "ca.pem").exists():
+            d.mkdir(exist_ok=True)
+            d.chmod(0o755)
+            make_test_ca(d, [API_NAME], ["127.0.0.1", HOST_GATEWAY])
+        return TestCA(d / "ca.pem", d / "server.pem", d / "server.key")
+
     # -- init ------------------------------------------------------------------------
     def init_args(self, image: Image, *extra: str) -> list[str]:
         """`coworkctl init` for this machine: the template as written, plus only the
@@ -449,7 +464,7 @@ class LimaHost:
             "--param", "CoworkToolchain=false",
             "--param", f"CoworkAgentArgs=--egress-resolve {API_NAME}={HOST_GATEWAY}",
         ]  # fmt: skip
-        for ca in sorted(CA_DIR.glob("*.crt")):
+        for ca in [*sorted(CA_DIR.glob("*.crt")), self.test_ca.ca_cert]:
             args += ["--ca-cert", str(ca)]
         return [*args, *extra]
 

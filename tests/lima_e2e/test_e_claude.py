@@ -1,7 +1,9 @@
 """`coworkctl ask`: the real Claude CLI in the box, its model a scripted fake on the host.
 
-The CLI (installed by lima/provision/claude.sh) calls http://api.allowed.test:PORT via
-the box's proxy; the agent's egress proxy allows the name (`coworkctl policy allow`)
+The CLI (installed by lima/provision/claude.sh) talks to the agent's API relay in the
+box (127.0.0.1:3129, with a placeholder credential); the relay swaps in the real key and
+calls https://api.allowed.test:PORT, verified against the run's test CA (installed in the
+guest by `init --ca-cert`). The egress policy allows the name (`coworkctl policy allow`)
 and dials the address it is pinned to (--egress-resolve, set through the template
 param CoworkAgentArgs): QEMU's user-network gateway, i.e. this host's loopback, where
 the fake listens. Nothing leaves this machine. The tool calls it scripts (Write, Bash)
@@ -24,10 +26,15 @@ from tests.lima_e2e.harness import API_NAME, LimaHost
 KEY = "sk-ant-fake-lima-e2e"
 
 
+def fake_model(vm: LimaHost) -> FakeAnthropic:
+    """The scripted model, over TLS with the run's test CA (the guest trusts it)."""
+    return FakeAnthropic(tls=vm.test_ca.server_context())
+
+
 @pytest.fixture(scope="module")
 def api(vm: LimaHost) -> Iterator[FakeAnthropic]:
     coworkctl_ok(vm, "policy", "allow", API_NAME)
-    with FakeAnthropic() as fake:
+    with fake_model(vm) as fake:
         yield fake
 
 
@@ -38,7 +45,7 @@ def ask(
     r = vm.coworkctl(
         *(["--target", target] if target else []),
         "ask",
-        "--env", f"ANTHROPIC_BASE_URL=http://{API_NAME}:{api.port}",
+        "--env", f"ANTHROPIC_BASE_URL=https://{API_NAME}:{api.port}",
         "--env", f"ANTHROPIC_API_KEY={KEY}",
         "--env", "CLAUDE_CODE_MAX_RETRIES=0",
         "--env", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
@@ -88,3 +95,15 @@ def test_logs_net_shows_the_model_calls(vm: LimaHost, api: FakeAnthropic) -> Non
     calls = [r for r in records if r.get("host") == API_NAME]
     assert calls, records[-5:]
     assert all(r["allowed"] for r in calls)
+
+
+def test_the_key_reaches_the_model_but_never_the_box(vm: LimaHost, api: FakeAnthropic) -> None:
+    look = "env; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; cat ~/.claude* 2>/dev/null"
+    api.script(ToolCall("Bash", {"command": look, "description": "look"}), Text("looked"))
+    seen = len(api.credentials)
+    code, out, err = ask(vm, api, "Look around", "-q", "--permission-mode", "bypassPermissions")
+    assert code == 0, err
+    assert ("x-api-key", KEY) in api.credentials[seen:]
+    tool_output = api.requests[-1].text_of_messages()
+    assert "ANTHROPIC_BASE_URL" in tool_output  # the Bash tool did run and report
+    assert KEY not in tool_output and KEY not in out

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.claude.fake_anthropic import FakeAnthropic, Text, ToolUse
+from tests.claude.fake_anthropic import Text, ToolUse
 from tests.lima_e2e.conftest import coworkctl_ok, record
 from tests.lima_e2e.harness import LimaHost
-from tests.lima_e2e.test_e_claude import ask
+from tests.lima_e2e.test_e_claude import ask, fake_model
 from tests.lima_e2e.test_i_snapshots import MARK, one_line_error
 
 CLONES = ("cwe2e-t1", "cwe2e-t2")
@@ -103,7 +103,7 @@ def test_two_clones_ask_at_the_same_time_into_their_own_workspaces(
     vm: LimaHost, clones: list[str]
 ) -> None:
     results: dict[str, tuple[int, str, str]] = {}
-    with FakeAnthropic() as api1, FakeAnthropic() as api2:
+    with fake_model(vm) as api1, fake_model(vm) as api2:
         apis = dict(zip(clones, (api1, api2), strict=True))
         for name, api in apis.items():
             write = {"file_path": "/workspace/task.txt", "content": f"done by {name}\n"}
