@@ -35,6 +35,8 @@ import ctypes
 import errno
 import hashlib
 import hmac
+import io
+import json
 import logging
 import os
 import re
@@ -48,12 +50,14 @@ import grpc
 
 from cowork.dataplane import (
     MAGIC,
+    MAX_MESSAGE,
     Cut,
     WireError,
     read_message,
     receive_to_fd,
     recv_exact,
     send_message,
+    tune,
 )
 
 from .errors import AgentError, from_oserror, invalid, precondition
@@ -161,6 +165,7 @@ class DataPlane:
                     f"more than {MAX_CONNECTIONS} transfers at once; try again",
                 )
             conn.settimeout(IO_TIMEOUT)
+            tune(conn)
             if op == "upload":
                 self._upload(conn, hello)
             elif op == "download":
@@ -351,9 +356,11 @@ class DataPlane:
         skipped: list[list[str]] = []
         batch = _Batch()
         buf = bytearray(SMALL)
+        # Entries are small and many: read them through one buffer, not 4 recv()s each.
+        rf = io.BufferedReader(socket.SocketIO(conn, "rb"), SMALL)
         try:
             while True:
-                msg = read_message(conn)
+                msg = _read_buffered(rf)
                 kind = msg.get("k")
                 if kind == "end":
                     break
@@ -372,7 +379,7 @@ class DataPlane:
                         counts["symlinks"] += 1
                     elif kind == "f":
                         n = _int(msg, "n")
-                        self._tree_file(conn, path, msg, n, batch, buf)
+                        self._tree_file(rf, path, msg, n, batch, buf)
                         counts["files"] += 1
                         counts["bytes"] += n
                     else:
@@ -426,7 +433,7 @@ class DataPlane:
 
     def _tree_file(
         self,
-        conn: socket.socket,
+        rf: io.BufferedReader[Any],
         path: str,
         msg: dict[str, Any],
         n: int,
@@ -457,18 +464,18 @@ class DataPlane:
         digest = hashlib.sha256()
         try:
             if fd < 0:  # refused: the bytes still have to be read off the stream
-                _discard(conn, n, buf)
-                read_message(conn)
+                _discard(rf, n, buf)
+                _read_buffered(rf)
                 raise _Skip(reason, code)
             if n <= len(buf):
                 view = memoryview(buf)[:n]
-                _recv_into(conn, view)
+                _recv_into(rf, view)
                 digest.update(view)
                 _write_all(fd, view)
                 _add_bytes(n)
             else:
-                _receive(conn, fd, n, digest, 0)
-            trailer = read_message(conn)
+                _receive_buffered(rf, fd, n, digest, buf)
+            trailer = _read_buffered(rf)
             if str(trailer.get("sha256", "")).lower() != digest.hexdigest():
                 raise _Skip("sha256 mismatch; not written")
             os.fchmod(fd, mode)
@@ -557,22 +564,56 @@ class _Batch:
 # -- byte movers --------------------------------------------------------------------
 
 
-def _recv_into(conn: socket.socket, view: memoryview) -> None:
+def _recv_into(rf: io.BufferedReader[Any], view: memoryview) -> None:
     got = 0
     n = len(view)
     while got < n:
-        k = conn.recv_into(view[got:])
-        if k == 0:
+        k = rf.readinto(view[got:])
+        if not k:
             raise _Cut(f"after {got} of {n} bytes")
         got += k
 
 
-def _discard(conn: socket.socket, n: int, buf: bytearray) -> None:
+def _discard(rf: io.BufferedReader[Any], n: int, buf: bytearray) -> None:
     view = memoryview(buf)
     while n:
-        k = conn.recv_into(view[: min(n, len(buf))])
-        if k == 0:
+        k = rf.readinto(view[: min(n, len(buf))])
+        if not k:
             raise _Cut("mid-entry")
+        n -= k
+
+
+def _read_buffered(rf: io.BufferedReader[Any]) -> dict[str, Any]:
+    head = rf.read(4)
+    if len(head) < 4:
+        raise _Cut("between tree entries")
+    n = int.from_bytes(head, "big")
+    if n > MAX_MESSAGE:
+        raise invalid(f"message of {n} bytes is larger than {MAX_MESSAGE}")
+    body = rf.read(n)
+    if len(body) < n:
+        raise _Cut("mid-message")
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        raise invalid("message is not JSON") from None
+    if not isinstance(obj, dict):
+        raise invalid("message is not a JSON object")
+    return obj
+
+
+def _receive_buffered(
+    rf: io.BufferedReader[Any], fd: int, n: int, digest: Any, buf: bytearray
+) -> None:
+    """A large file inside a tree: chunks through the buffer, written and hashed here."""
+    view = memoryview(buf)
+    while n:
+        k = rf.readinto(view[: min(n, len(buf))])
+        if not k:
+            raise _Cut("mid-file")
+        _write_all(fd, view[:k])
+        digest.update(view[:k])
+        _add_bytes(k)
         n -= k
 
 

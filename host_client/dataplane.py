@@ -33,6 +33,7 @@ from cowork.dataplane import (
     read_message,
     receive_to_fd,
     send_message,
+    tune,
 )
 
 from .errors import _BY_CODE, CoworkError
@@ -126,6 +127,7 @@ class DataPlane:
                     raise
         except OSError as exc:
             raise error("UNAVAILABLE", f"{t.spec}: cannot open a data connection: {exc}") from None
+        tune(s)
         try:
             s.sendall(MAGIC + encode({"token": self.token, **hello}))
         except OSError as exc:
