@@ -30,6 +30,7 @@ from .models import ExecEvent, ExecutionResult, Exited, FileInfo, TransferResult
 
 if TYPE_CHECKING:
     from .claude import ClaudeEvent, ClaudeExecutionResult
+    from .snapshots import Snapshot
     from .targets import Target
 
 T = TypeVar("T")
@@ -475,6 +476,29 @@ class AsyncCoworkClient:
     async def stop_vm(self) -> None:
         """Stop the Lima VM behind a lima: target."""
         await self._worker.call(self.sync.stop_vm)
+
+    async def save_snapshot(self, name: str, method: str | None = None) -> Snapshot:
+        """Save the Lima VM's disk as snapshot `name` (not the workspace, a host mount).
+
+        A running VM is stopped for it and started again; this waits for its agent."""
+        return await self._worker.call(self.sync.save_snapshot, name, method)
+
+    async def list_snapshots(self) -> list[Snapshot]:
+        """The Lima VM's snapshots, oldest first."""
+        return await self._worker.call(self.sync.list_snapshots)
+
+    async def restore_snapshot(self, name: str) -> Snapshot:
+        """Put the Lima VM's disk back to snapshot `name` (a disk snapshot needs it stopped)."""
+        return await self._worker.call(self.sync.restore_snapshot, name)
+
+    async def remove_snapshot(self, name: str) -> Snapshot:
+        """Delete snapshot `name` of the Lima VM."""
+        return await self._worker.call(self.sync.remove_snapshot, name)
+
+    async def clone_vm(self, new: str, workspace: str | None = None, start: bool = True) -> str:
+        """Make Lima VM `new` from this (stopped) one, with its own token and workspace;
+        with `start`, boot it and wait for its agent. Returns its target, `lima:NEW`."""
+        return await self._worker.call(self.sync.clone_vm, new, workspace, start)
 
     # -- the seed controller's names -------------------------------------------------------
     async def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:

@@ -43,6 +43,7 @@ from .protodict import to_dict
 
 if TYPE_CHECKING:
     from .claude import ClaudeExecutionResult
+    from .snapshots import Snapshot
     from .targets import Target
 
 __all__ = ["AskStream", "CoworkClient", "ExecStream"]
@@ -158,6 +159,62 @@ class CoworkClient:
         if self.target.kind != "lima":
             raise CoworkError(f"stop_vm needs a lima: target, not {self.target.spec}")
         lima.stop_vm(self.target.name)
+
+    def _lima_name(self, what: str) -> str:
+        if self.target.kind != "lima":
+            raise CoworkError(f"{what} needs a lima: target, not {self.target.spec}")
+        return self.target.name
+
+    def save_snapshot(self, name: str, method: str | None = None) -> Snapshot:
+        """Save the Lima VM's disk as snapshot `name` (not the workspace, a host mount).
+
+        A running VM is stopped for it and started again; this waits for its agent."""
+        from . import snapshots
+
+        vm = self._lima_name("save_snapshot")
+        was_running = self.is_vm_running()
+        snap = snapshots.save(vm, name, method)
+        if was_running:
+            self.wait_ready(self.connect_timeout * 6)
+        return snap
+
+    def list_snapshots(self) -> list[Snapshot]:
+        """The Lima VM's snapshots, oldest first."""
+        from . import snapshots
+
+        return snapshots.list_snapshots(self._lima_name("list_snapshots"))
+
+    def restore_snapshot(self, name: str) -> Snapshot:
+        """Put the Lima VM's disk back to snapshot `name` (a disk snapshot needs it stopped)."""
+        from . import snapshots
+
+        vm = self._lima_name("restore_snapshot")
+        was_running = self.is_vm_running()
+        snap = snapshots.restore(vm, name)
+        if was_running:
+            self.wait_ready(self.connect_timeout * 6)
+        return snap
+
+    def remove_snapshot(self, name: str) -> Snapshot:
+        """Delete snapshot `name` of the Lima VM."""
+        from . import snapshots
+
+        return snapshots.remove(self._lima_name("remove_snapshot"), name)
+
+    def clone_vm(self, new: str, workspace: str | None = None, start: bool = True) -> str:
+        """Make Lima VM `new` from this (stopped) one, with its own token and workspace;
+        with `start`, boot it and wait for its agent. Returns its target, `lima:NEW`."""
+        from pathlib import Path
+
+        from . import lima, snapshots
+
+        base = self._lima_name("clone_vm")
+        snapshots.clone(base, new, Path(workspace) if workspace else None)
+        if start:
+            lima.start(new)
+            with CoworkClient(f"lima:{new}", connect_timeout=self.connect_timeout) as clone:
+                clone.wait_ready(self.connect_timeout * 6)
+        return f"lima:{new}"
 
     # -- the seed controller's names -------------------------------------------------------
     def execute_in_vm(self, command: str | Sequence[str], **kwargs: Any) -> ExecutionResult:

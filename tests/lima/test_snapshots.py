@@ -276,3 +276,39 @@ def test_cloning_into_a_name_that_exists_is_one_line_and_changes_nothing(
 def test_cloning_an_unknown_vm_is_one_line(lima_env: LimaEnv) -> None:
     line = one_line_error(lima_env.coworkctl("clone", "nope", "task1"))
     assert "no Lima VM named 'nope'" in line
+
+
+# -- the library ------------------------------------------------------------------------------
+def test_the_client_saves_lists_restores_and_removes_snapshots(vm: lima.Instance) -> None:
+    from host_client import CoworkClient
+
+    with CoworkClient(f"lima:{NAME}") as client:
+        write_pattern(vm, 0x44)
+        assert client.save_snapshot("lib", method="disk").method == "disk"
+        write_pattern(vm, 0x45)
+        assert [s.name for s in client.list_snapshots()] == ["lib"]
+        client.restore_snapshot("lib")
+        assert holds_pattern(vm, 0x44)
+        client.remove_snapshot("lib")
+        assert client.list_snapshots() == []
+
+
+def test_the_client_clones_a_stopped_vm(vm: lima.Instance) -> None:
+    from host_client import CoworkClient
+
+    with CoworkClient(f"lima:{NAME}") as client:
+        assert client.clone_vm("task1", start=False) == "lima:task1"
+    assert snapshots.origin("task1") == NAME
+
+
+def test_snapshots_need_a_lima_target(tmp_path: Path) -> None:
+    from host_client import CoworkClient
+    from host_client.errors import CoworkError
+
+    (tmp_path / "token").write_text("t" * 64)
+    client = CoworkClient("unix:/nonexistent/agent.sock", str(tmp_path / "token"))
+    try:
+        with pytest.raises(CoworkError, match="save_snapshot needs a lima: target"):
+            client.save_snapshot("x")
+    finally:
+        client.close()
