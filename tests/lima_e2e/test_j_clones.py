@@ -1,6 +1,7 @@
-"""Clones (issue #15): one prepared VM, many tasks. test_i left the base stopped, with a
-mark of "disk-state" outside the workspace; two clones of it boot at the same time,
-each with its own token, socket and workspace, and run `ask` at the same time."""
+"""Clones (issue #15): one prepared VM, many tasks. test_i left the base stopped, its disk
+just restored to the snapshot that says "before" outside the workspace; two clones of it
+boot at the same time, each with its own token, socket and workspace, and run `ask` at
+the same time."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.claude.fake_anthropic import Text, ToolUse
 from tests.lima_e2e.conftest import coworkctl_ok, record
 from tests.lima_e2e.harness import LimaHost
 from tests.lima_e2e.test_e_claude import ask, fake_model
-from tests.lima_e2e.test_i_snapshots import MARK, one_line_error
+from tests.lima_e2e.test_i_snapshots import MARK, PACKAGE, one_line_error
 
 CLONES = ("cwe2e-t1", "cwe2e-t2")
 
@@ -57,12 +58,12 @@ def on(vm: LimaHost, name: str, *args: str, timeout: float = 120) -> str:
     return coworkctl_ok(vm, "--target", f"lima:{name}", *args, timeout=timeout)
 
 
-def test_each_clone_starts_from_the_base_s_disk(vm: LimaHost, clones: list[str]) -> None:
+def test_each_clone_starts_from_the_base_s_restored_disk(vm: LimaHost, clones: list[str]) -> None:
+    probe = f"cat {MARK}; dpkg-query -W {PACKAGE} >/dev/null 2>&1 && echo installed || echo absent"
     for name in clones:
-        r = vm.run(
-            ["ssh", "-F", str(vm.lima_home / name / "ssh.config"), f"lima-{name}", f"cat {MARK}"]
-        )
-        assert r.stdout.decode().strip() == "disk-state", (name, r.stderr)
+        ssh = ["ssh", "-F", str(vm.lima_home / name / "ssh.config"), f"lima-{name}", probe]
+        r = vm.run(ssh)
+        assert r.stdout.decode().split() == ["before", "absent"], (name, r.stderr)
 
 
 def test_each_clone_has_its_own_token_and_socket(vm: LimaHost, clones: list[str]) -> None:
