@@ -206,14 +206,12 @@ def run(mib: int, reps: int, nfiles: int, grpc_tree: bool, out_dir: Path) -> dic
 
     def tree_client(c: Any, name: str) -> Callable[[], bool]:
         def go() -> bool:
-            shutil.rmtree(ws / name, ignore_errors=True)
             r = c.upload(str(tree), str(ws / name))
             return bool(r.files == nfiles and not r.skipped)
 
         return go
 
     def tree_tar() -> bool:
-        shutil.rmtree(ws / "tree-tar", ignore_errors=True)
         dest = shlex.quote(str(ws / "tree-tar"))
         tar = subprocess.Popen(["tar", "-C", str(tree), "-cf", "-", "."], stdout=subprocess.PIPE)
         subprocess.run([*ssh, f"mkdir -p {dest} && tar -C {dest} -xf -"], stdin=tar.stdout)
@@ -250,20 +248,32 @@ def run(mib: int, reps: int, nfiles: int, grpc_tree: bool, out_dir: Path) -> dic
 
     errors: dict[str, dict[str, str]] = {k: {} for k in plan}
     load0 = loadavg()
+    tree_counts: dict[str, int] = {}
     try:
         for rep in range(reps):
             for kind, methods in plan.items():
-                for m, fn in methods.items():
+                names = list(methods)
+                names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate
+                for m in names:
+                    fn = methods[m]
+                    # Untimed: the previous tree goes, and every method starts with no dirty
+                    # pages left by the one before (scp and cat do not fsync; the agent does).
+                    for old in ws.glob("tree-*"):
+                        shutil.rmtree(old, ignore_errors=True)
+                    os.sync()
                     dt, used, err = timed(fn, cpu)
                     if dt is None:
                         errors[kind][m] = err
                     else:
                         times[kind][m].append(dt)
                         cpus[kind][m].append(used)
+                    if kind == "tree_upload":
+                        dest = {"agent": "tree-agent", "tar_ssh": "tree-tar"}.get(m, "tree-grpc")
+                        tree_counts[m] = count_files(ws / dest)
                     print(f"rep {rep} {kind:11} {m:12} {dt or err}", file=sys.stderr, flush=True)
         checks = {
-            "tree_agent_files": count_files(ws / "tree-agent"),
-            "tree_tar_files": count_files(ws / "tree-tar"),
+            "tree_agent_files": tree_counts.get("agent", -1),
+            "tree_tar_files": tree_counts.get("tar_ssh", -1),
             "download_sha256_ok": sha256_file(back) == digest,
         }
     finally:
@@ -315,7 +325,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         "# File transfers: data plane vs gRPC streaming vs SSH (bench/transfer.py)",
         "",
-        f"One interleaved run: {r['reps']} rounds, every method once per round (medians).",
+        f"One interleaved run: {r['reps']} rounds, every method once per round, the order "
+        "rotated each round, `sync` before each (medians).",
         f"File: {r['bytes'] / MiB:g} MiB random; tree: {r['tree_files']} files, "
         f"{r['tree_bytes'] / 1e6:.1f} MB. Load average before/after: "
         f"{r['loadavg_before']} / {r['loadavg_after']}. Checks: {r['checks']}.",
