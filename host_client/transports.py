@@ -22,9 +22,12 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    # A restarted agent is usually back within a second: reconnect quickly.
+    # A restarted agent is usually back within a second: reconnect quickly. Not
+    # grpc.min_reconnect_backoff_ms: gRPC also takes it as each connection attempt's
+    # deadline (20 s by default), and at 50 ms a busy agent's or a loaded machine's
+    # handshake failed a call that cannot be retried ("timed out before receiving
+    # SETTINGS frame"; tests/test_connect_slow_agent.py).
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 1_000),
     # Transparent retries would buffer client streams (uploads); the clients
     # retry explicitly where it is safe instead.
