@@ -42,6 +42,7 @@ Import-free beyond the standard library, for the CLI's fast path.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -219,3 +220,57 @@ def receive_to_fd(
     if cut:
         raise Cut(cut, written[0])
     return got
+
+
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux
+
+
+class FileSender:
+    """Moves file bytes to a socket without copying them through Python.
+
+    Linux: splice(2) file -> a 1 MiB pipe -> socket (measured here: 4.4-5.3 GB/s into a
+    unix socket, sendfile(2) 0.4-4 GB/s, pread + send 2.2-2.7 GB/s); elsewhere, or where
+    the file system cannot splice, sendfile(2). Use as a context manager (owns the pipe).
+    """
+
+    def __init__(self) -> None:
+        self._pipe: tuple[int, int] | None = None
+        self._splice = hasattr(os, "splice")
+
+    def send(self, sock_fd: int, fd: int, offset: int, count: int) -> int:
+        """Up to `count` bytes of fd from `offset` into the socket; 0 at the file's end."""
+        if self._splice:
+            try:
+                return self._send_splice(sock_fd, fd, offset, count)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self._splice = False  # this file (system) cannot splice: sendfile from here
+        return os.sendfile(sock_fd, fd, offset, count)
+
+    def _send_splice(self, sock_fd: int, fd: int, offset: int, count: int) -> int:
+        if self._pipe is None:
+            r, w = os.pipe()
+            try:
+                import fcntl
+
+                fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
+            self._pipe = (r, w)
+        r, w = self._pipe
+        n: int = os.splice(fd, w, min(count, PIPE_SIZE), offset_src=offset)
+        left = n
+        while left:
+            left -= os.splice(r, sock_fd, left)
+        return n
+
+    def __enter__(self) -> FileSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pipe is not None:
+            for p in self._pipe:
+                os.close(p)
+            self._pipe = None

@@ -52,6 +52,7 @@ from cowork.dataplane import (
     MAGIC,
     MAX_MESSAGE,
     Cut,
+    FileSender,
     WireError,
     read_message,
     receive_to_fd,
@@ -678,11 +679,12 @@ def _send_file(conn: socket.socket, fd: int, size: int) -> str:
         timeout = conn.gettimeout()
         conn.setblocking(True)
         try:
-            while sent < size:
-                k = os.sendfile(out, fd, sent, min(size - sent, 1 << 30))
-                if k == 0:
-                    raise _Cut(f"file shrank to {sent} bytes while it was sent")
-                sent += k
+            with FileSender() as sender:
+                while sent < size:
+                    k = sender.send(out, fd, sent, size - sent)
+                    if k == 0:
+                        raise _Cut(f"file shrank to {sent} bytes while it was sent")
+                    sent += k
         finally:
             conn.settimeout(timeout)
     finally:

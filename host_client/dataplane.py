@@ -27,6 +27,7 @@ from cowork.dataplane import (
     CAPABILITY,
     MAGIC,
     Cut,
+    FileSender,
     WireError,
     data_socket_path,
     encode,
@@ -240,6 +241,7 @@ class DataPlane:
         th = threading.Thread(target=hasher, name="cowork-dataplane-hash", daemon=True)
         th.start()
         sent = 0
+        sender = FileSender()
         try:
             pos = start
             step = 8 << 20 if progress is not None or cut_after is not None else 1 << 30
@@ -250,7 +252,7 @@ class DataPlane:
                     if n <= 0:
                         s.shutdown(socket.SHUT_RDWR)
                         raise ConnectionAbortedError("connection cut on purpose (test)")
-                k = os.sendfile(s.fileno(), fd, pos, n)
+                k = sender.send(s.fileno(), fd, pos, n)
                 if k == 0:
                     raise OSError(f"{end - pos} bytes short: the file shrank while it was sent")
                 pos += k
@@ -259,6 +261,7 @@ class DataPlane:
                 if progress is not None:
                     progress(k)
         finally:
+            sender.__exit__()
             th.join()
         if error:
             raise error[0]
