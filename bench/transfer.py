@@ -352,7 +352,7 @@ def report(r: dict[str, Any]) -> str:
         "hybrid-vsock stand-in and the agent's vsock relay (its first-byte sniff) - no VM, "
         "so no virtio cost; scp / ssh cat / tar | ssh tar x go through one ControlMaster "
         "to a real sshd on loopback. The agent fsyncs every file before the rename "
-        "(trees: one syncfs per 256 files); scp, cat and tar do not. CPU s = CPU time of "
+        "(trees: one syncfs per 2048 files); scp, cat and tar do not. CPU s = CPU time of "
         "both ends during the copy (client, agent or ssh/scp/sshd/ControlMaster and what "
         "they ran), the figure that does not depend on how busy the machine was.",
         "",

@@ -34,6 +34,7 @@ op "tree" (an upload of many entries on one connection):
                       {"k": "l", "p": rel, "target": ..., "t": mtime_ns}
                       {"k": "f", "p": rel, "m": mode, "t": mtime_ns, "n": size},
                           n raw bytes, {"sha256": hex}
+                      (or, for a small file, "s": hex in the header and no trailer)
     client: {"k": "end"}
     agent: {"ok", "files", "bytes", "symlinks", "dirs", "skipped": [[path, reason], ...]}
 
@@ -81,8 +82,11 @@ def data_socket_path(grpc_socket: str) -> str:
     return grpc_socket + ".data"
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    body = _ENCODER.encode(obj).encode()
     return len(body).to_bytes(4, "big") + body
 
 

@@ -84,7 +84,8 @@ BUFFERS = 6
 WRITEBACK_EVERY = 64 << 20
 HELLO_TIMEOUT = 30.0
 IO_TIMEOUT = 120.0  # a peer that sends nothing for this long is dropped
-TREE_BATCH = 256  # files written before one syncfs and their renames
+TREE_BATCH = 2048  # files written before one syncfs and their renames
+TREE_PARENTS = 256  # directory fds a batch may hold
 SMALL = 1 << 20
 _PART_PREFIX = ".cowork-part-"
 _KEY = re.compile(r"[0-9a-f]{16,64}")
@@ -372,7 +373,7 @@ class DataPlane:
                 try:
                     if kind == "d":
                         _check_mode(_int(msg, "m"))
-                        fd = files._make_dirs(files._locate(path), None)
+                        fd = files._make_dirs(files.paths.locate(path), None)
                         os.close(fd)
                         counts["dirs"] += 1
                     elif kind == "l":
@@ -394,8 +395,8 @@ class DataPlane:
                         raise
                     skipped.append([path, exc.message])
                 if batch.full():
-                    batch.commit()
-            batch.commit()
+                    skipped += batch.commit()
+            skipped += batch.commit()
         finally:
             batch.abort()
         _audit_fields(path=base, files=counts["files"])
@@ -408,11 +409,11 @@ class DataPlane:
         pfd = -1
         tmp = ""
         try:
-            loc = files._locate(path)
+            loc = files.paths.locate(path)
             pfd = files._parent(loc, True)
             existing = _lstat_or_none(pfd, loc.name)
             if existing is not None and statmod.S_ISDIR(existing.st_mode):
-                raise _Skip(f"is a directory: {path}")
+                raise _Skip(f"is a directory: {path}", grpc.StatusCode.FAILED_PRECONDITION)
             tmp = _make_temp_link(pfd, loc.name, target)
             if files.owner is not None:
                 os.chown(tmp, files.owner.uid, files.owner.gid, dir_fd=pfd, follow_symlinks=False)
@@ -450,11 +451,8 @@ class DataPlane:
         pfd = -1
         try:
             mode = _int(msg, "m") & 0o7777 or 0o644
-            loc = files._locate(path)
+            loc = files.paths.locate(path)
             pfd = batch.parent(files, loc)
-            existing = _lstat_or_none(pfd, loc.name)
-            if existing is not None and statmod.S_ISDIR(existing.st_mode):
-                raise precondition(f"is a directory: {path}")
             fd, tmp = _open_temp(pfd, loc.name)
             files._own_fd(fd)
         except AgentError as exc:
@@ -466,7 +464,8 @@ class DataPlane:
         try:
             if fd < 0:  # refused: the bytes still have to be read off the stream
                 _discard(rf, n, buf)
-                _read_buffered(rf)
+                if "s" not in msg:
+                    _read_buffered(rf)
                 raise _Skip(reason, code)
             if n <= len(buf):
                 view = memoryview(buf)[:n]
@@ -476,8 +475,9 @@ class DataPlane:
                 _add_bytes(n)
             else:
                 _receive_buffered(rf, fd, n, digest, buf)
-            trailer = _read_buffered(rf)
-            if str(trailer.get("sha256", "")).lower() != digest.hexdigest():
+            # Small files carry their checksum in the header ("s"), others after the bytes.
+            want = msg["s"] if "s" in msg else _read_buffered(rf).get("sha256", "")
+            if str(want).lower() != digest.hexdigest():
                 raise _Skip("sha256 mismatch; not written")
             os.fchmod(fd, mode)
             t = _int(msg, "t", signed=True)
@@ -513,11 +513,15 @@ _ENTRY_ERRORS = (
 
 
 class _Batch:
-    """Files of a tree waiting for one syncfs, then their renames; holds their parents' fds."""
+    """Files of a tree written to temporaries, waiting for one syncfs and then their renames.
+
+    Each file's fd is closed once it is written (one is kept for the syncfs), so a batch
+    holds at most TREE_PARENTS directory fds plus one, whatever TREE_BATCH is.
+    """
 
     def __init__(self) -> None:
         self.items: list[tuple[int, str, str, str]] = []
-        self.fds: list[int] = []
+        self.sync_fd = -1
         self.parents: dict[str, int] = {}
 
     def parent(self, files: FilesService, loc: Any) -> int:
@@ -530,26 +534,43 @@ class _Batch:
 
     def add(self, pfd: int, tmp: str, name: str, path: str, fd: int) -> None:
         self.items.append((pfd, tmp, name, path))
-        self.fds.append(fd)
+        if self.sync_fd < 0:
+            self.sync_fd = fd
+        else:
+            os.close(fd)
 
     def full(self) -> bool:
-        return len(self.items) >= TREE_BATCH or len(self.parents) >= TREE_BATCH
+        return len(self.items) >= TREE_BATCH or len(self.parents) >= TREE_PARENTS
 
-    def commit(self) -> None:
+    def commit(self) -> list[list[str]]:
+        """syncfs, then rename each into place; returns [path, reason] of those refused
+        (a directory where the file goes: renameat says so, no lstat per file needed)."""
+        skipped: list[list[str]] = []
         if self.items:
-            _syncfs(self.fds[0])  # a file's fd: the parents' are O_PATH
-            for fd in self.fds:
-                os.close(fd)
-            self.fds = []
+            _syncfs(self.sync_fd)
+            os.close(self.sync_fd)
+            self.sync_fd = -1
             for pfd, tmp, name, path in self.items:
-                _rename(pfd, tmp, pfd, name, True, path)
+                try:
+                    _rename(pfd, tmp, pfd, name, True, path)
+                except OSError as exc:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=pfd)
+                    if isinstance(exc, (IsADirectoryError, FileExistsError)) or exc.errno in (
+                        errno.ENOTEMPTY,
+                        errno.EEXIST,
+                    ):
+                        skipped.append([path, f"is a directory: {path}"])
+                    else:
+                        skipped.append([path, from_oserror(exc, path).message])
             self.items = []
         self._close_parents()
+        return skipped
 
     def abort(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        if self.sync_fd >= 0:
+            os.close(self.sync_fd)
+            self.sync_fd = -1
         for pfd, tmp, _, _ in self.items:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=pfd)

@@ -347,13 +347,13 @@ class DataPlane:
             st = os.fstat(f.fileno())
             head = {"k": "f", "p": rel, "m": st.st_mode & 0o7777, "t": st.st_mtime_ns}
             if st.st_size <= SMALL:
-                data = f.read(SMALL + 1)
-                if len(data) > SMALL:  # grew meanwhile: send it the long way
+                data = f.read(st.st_size + 1)
+                if len(data) > st.st_size:  # grew meanwhile: send it the long way
                     f.seek(0)
-                else:
-                    buf += encode({**head, "n": len(data)})
+                else:  # the checksum rides in the header: one message per small file
+                    sha = hashlib.sha256(data).hexdigest()
+                    buf += encode({**head, "n": len(data), "s": sha})
                     buf += data
-                    buf += encode({"sha256": hashlib.sha256(data).hexdigest()})
                     self.bytes_sent += len(data)
                     if progress is not None:
                         progress(len(data))

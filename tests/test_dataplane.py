@@ -147,6 +147,23 @@ def test_tree_upload_is_exact_on_one_data_connection(
     assert not [n for n in os.listdir(workdir / "t" / "a") if n.startswith(".cowork-")]
 
 
+def test_a_tree_file_where_a_directory_stands_is_skipped(
+    client: CoworkClient, workdir: Path, tmp_path: Path
+) -> None:
+    (workdir / "t" / "x").mkdir(parents=True)
+    (workdir / "t" / "x" / "keep").write_bytes(b"k")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "x").write_bytes(b"file")
+    (tmp_path / "t" / "y").write_bytes(b"y")
+    r = client.upload(str(tmp_path / "t"), str(workdir / "t"))
+    assert [(s.path, s.reason) for s in r.skipped] == [
+        (str(workdir / "t" / "x"), f"is a directory: {workdir / 't' / 'x'}")
+    ]
+    assert (workdir / "t" / "x" / "keep").read_bytes() == b"k"
+    assert (workdir / "t" / "y").read_bytes() == b"y"
+    assert not [n for n in os.listdir(workdir / "t") if n.startswith(".cowork-")]
+
+
 def test_tree_download_is_exact(client: CoworkClient, workdir: Path, tmp_path: Path) -> None:
     _tree(workdir / "t")
     client.download(str(workdir / "t"), str(tmp_path / "t"))
