@@ -330,17 +330,20 @@ def report(r: dict[str, Any]) -> str:
         f"File: {r['bytes'] / MiB:g} MiB random; tree: {r['tree_files']} files, "
         f"{r['tree_bytes'] / 1e6:.1f} MB. Load average before/after: "
         f"{r['loadavg_before']} / {r['loadavg_after']}. Checks: {r['checks']}.",
-        "Ratios are speed-ups: the other method's time divided by this one's (> 1 = faster).",
+        "Ratios are speed-ups of the medians: the other method's time divided by this one's "
+        "(> 1 = faster). Best = the fastest of the rounds (the least disturbed).",
         "",
-        "| transfer | method | MB/s | seconds | CPU s (both ends) | vs scp | vs ssh cat "
-        "| vs tar\\|ssh |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| transfer | method | MB/s (median) | MB/s (best) | seconds | CPU s (both ends) "
+        "| vs scp | vs ssh cat | vs tar\\|ssh |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("upload", "download", "tree_upload"):
         ms = r.get(kind, {})
+        nbytes = r["tree_bytes"] if kind == "tree_upload" else r["bytes"]
         for m, e in ms.items():
+            best = f"{nbytes / 1e6 / min(e['all_seconds']):.1f}" if e.get("all_seconds") else ""
             lines.append(
-                f"| {kind} | {m} | {e.get('mb_per_s', e.get('error', 'n/a'))} | "
+                f"| {kind} | {m} | {e.get('mb_per_s', e.get('error', 'n/a'))} | {best} | "
                 f"{e.get('seconds', '')} | {e.get('cpu_seconds', '')} | "
                 f"{_ratio(e, ms.get('scp'))} | "
                 f"{_ratio(e, ms.get('ssh_cat'))} | {_ratio(e, ms.get('tar_ssh'))} |"
