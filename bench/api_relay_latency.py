@@ -3,10 +3,14 @@ streamed Messages call, through the relay vs straight to the (fake, TLS) API.
 
     .venv/bin/python -m bench.api_relay_latency [--runs 50]
 
-Both sides open a fresh connection per call, as the relay does upstream: direct is
-HTTPS to the fake; relayed is plain HTTP to the relay on loopback (as the CLI in a
-box talks to 127.0.0.1:3129), which swaps the placeholder and opens HTTPS to the
-fake. Runs alternate so machine noise hits both alike. Loopback only.
+Warm, as a CLI talks to the API turn after turn:
+- direct: HTTPS to the fake on one kept-alive connection (what a direct CLI does);
+- relayed: plain HTTP to the relay on loopback, a new connection per call (as the CLI
+  in a box talks to 127.0.0.1:3129), the relay's upstream from its pool;
+- relayed, no pool: the same with pool_max_idle=0 (a TLS handshake per call, as the
+  relay did before the pool);
+- direct, fresh: a new HTTPS connection per call (the handshake's own cost).
+Runs interleave so machine noise hits all alike. Loopback only.
 """
 
 from __future__ import annotations
@@ -33,22 +37,42 @@ from tests.claude.tls_ca import make_test_ca  # noqa: E402
 BODY = json.dumps({"model": "m", "stream": True, "max_tokens": 5, "messages": []}).encode()
 
 
-async def first_event(host: str, port: int, key: str, tls: ssl.SSLContext | None) -> float:
-    t0 = time.perf_counter()
-    r, w = await asyncio.open_connection(host, port, ssl=tls)
+def _request(host: str, key: str) -> bytes:
     head = (
         f"POST /v1/messages HTTP/1.1\r\nHost: {host}\r\nx-api-key: {key}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(BODY)}\r\n\r\n"
     )
-    w.write(head.encode() + BODY)
+    return head.encode() + BODY
+
+
+async def _exchange(r: asyncio.StreamReader, w: asyncio.StreamWriter, request: bytes) -> float:
+    """Send `request`; seconds to the first SSE event; then read the answer to its end
+    (the last chunk, or EOF) so that the connection can carry the next one."""
+    t0 = time.perf_counter()
+    w.write(request)
     await w.drain()
     buf = b""
-    while b"event: " not in buf:
+    took = 0.0
+    while True:
         data = await r.read(65536)
         if not data:
-            raise RuntimeError(f"no event: {buf[:200]!r}")
+            break
         buf += data
-    took = time.perf_counter() - t0
+        if not took and b"event: " in buf:
+            took = time.perf_counter() - t0
+        if buf.endswith(b"\r\n0\r\n\r\n"):
+            break
+    if not took:
+        raise RuntimeError(f"no event: {buf[:200]!r}")
+    return took
+
+
+async def first_event(host: str, port: int, key: str, tls: ssl.SSLContext | None) -> float:
+    """On a new connection (counted from before the connect)."""
+    t0 = time.perf_counter()
+    r, w = await asyncio.open_connection(host, port, ssl=tls)
+    connected = time.perf_counter() - t0
+    took = connected + await _exchange(r, w, _request(host, key))
     w.close()
     return took
 
@@ -59,25 +83,55 @@ async def main(runs: int) -> dict[str, float]:
     client_tls = ssl.create_default_context(cafile=str(ca.ca_cert))
     with FakeAnthropic(tls=ca.server_context()) as api:
         api.default_text = "hi"
-        relay = ApiRelay(lambda: OFFLINE, EgressLog(), ca_file=str(ca.ca_cert))
-        cred = Credential(
-            "api_key", "sk-ant-bench", parse_base_url(f"https://127.0.0.1:{api.port}"), "request"
-        )
-        route = Route(cred, boxed=False)
-        endpoint = await relay.serve_loopback(route)
-        direct: list[float] = []
-        relayed: list[float] = []
-        for _ in range(3):  # warm both paths
-            await first_event("127.0.0.1", api.port, "sk-ant-bench", client_tls)
-            await first_event("127.0.0.1", endpoint.port, route.placeholder, None)
+        url = parse_base_url(f"https://127.0.0.1:{api.port}")
+        pooled = ApiRelay(lambda: OFFLINE, EgressLog(), ca_file=str(ca.ca_cert))
+        unpooled = ApiRelay(lambda: OFFLINE, EgressLog(), ca_file=str(ca.ca_cert), pool_max_idle=0)
+        routes = [Route(Credential("api_key", "sk-ant-bench", url, "request"), boxed=False)]
+        routes.append(Route(routes[0].credential, boxed=False))
+        ends = [await pooled.serve_loopback(routes[0]), await unpooled.serve_loopback(routes[1])]
+        kr, kw = await asyncio.open_connection("127.0.0.1", api.port, ssl=client_tls)
+        direct_req = _request("127.0.0.1", "sk-ant-bench")
+        times: dict[str, list[float]] = {
+            "direct": [],
+            "relayed": [],
+            "relayed_no_pool": [],
+            "direct_fresh": [],
+        }
+
+        async def one_round(record: bool) -> None:
+            got = {
+                "direct": await _exchange(kr, kw, direct_req),
+                "relayed": await first_event(
+                    "127.0.0.1", ends[0].port, routes[0].placeholder, None
+                ),
+                "relayed_no_pool": await first_event(
+                    "127.0.0.1", ends[1].port, routes[1].placeholder, None
+                ),
+                "direct_fresh": await first_event(
+                    "127.0.0.1", api.port, "sk-ant-bench", client_tls
+                ),
+            }
+            if record:
+                for k, v in got.items():
+                    times[k].append(v)
+
+        for _ in range(3):  # warm every path (and fill the pool)
+            await one_round(False)
         for _ in range(runs):
-            direct.append(await first_event("127.0.0.1", api.port, "sk-ant-bench", client_tls))
-            relayed.append(await first_event("127.0.0.1", endpoint.port, route.placeholder, None))
-        endpoint.close()
-        await relay.aclose()
-    d_ms = statistics.median(direct) * 1000
-    r_ms = statistics.median(relayed) * 1000
-    return {"runs": runs, "direct_ms": d_ms, "relayed_ms": r_ms, "added_ms": r_ms - d_ms}
+            await one_round(True)
+        kw.close()
+        for e in ends:
+            e.close()
+        await pooled.aclose()
+        await unpooled.aclose()
+        upstream_connections = api.connections
+    out: dict[str, float] = {"runs": runs}
+    for k, v in times.items():
+        out[f"{k}_ms"] = statistics.median(v) * 1000
+    out["added_ms"] = out["relayed_ms"] - out["direct_ms"]
+    out["added_no_pool_ms"] = out["relayed_no_pool_ms"] - out["direct_ms"]
+    out["fake_connections"] = upstream_connections
+    return out
 
 
 if __name__ == "__main__":

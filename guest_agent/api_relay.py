@@ -18,11 +18,21 @@ For each request the relay
 - streams the answer back as it arrives: each read is written on at once, so
   an SSE stream is not buffered (bench/claude_latency.py measures the cost).
 
-One request per client connection, `Connection: close` both ways: the relay
-keeps no keep-alive state. Request and response bodies are bounded, the
-request head must arrive within `header_timeout`, and the upstream may stay
-silent at most `idle_timeout` (the API's own streams ping every few seconds).
-A wrong credential is the API's business: its 401 goes back unchanged.
+One request per client connection (`Connection: close` towards the CLI, a
+loopback hop). Upstream, connections are kept alive and reused from a small
+pool (upstream_pool.py), as a direct CLI reuses its own: a turn does not pay a
+TLS handshake. A connection goes back to the pool only when the request body
+was sent exactly (Content-Length; a chunked request gets `Connection: close`)
+and the response was read exactly to its end (Content-Length or the last
+chunk), so no byte of one answer can reach another request. A pooled
+connection the API closed meanwhile is replaced: when a reused connection
+ends before any byte of the answer, the request (kept when it is at most
+REPLAY_LIMIT) is sent again once on a new connection.
+
+Request and response bodies are bounded, the request head must arrive within
+`header_timeout`, and the upstream may stay silent at most `idle_timeout`
+(the API's own streams ping every few seconds). A wrong credential is the
+API's business: its 401 goes back unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from .egress import (
     _parse_head,
     _read_head,
 )
+from .upstream_pool import POOL_IDLE_TIMEOUT, POOL_MAX_IDLE, PooledConnection, UpstreamPool
 
 log = logging.getLogger("cowork.agent.relay")
 
@@ -65,6 +76,10 @@ RESPONSE_LIMIT = 512 * 1024 * 1024
 HEADER_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 IDLE_TIMEOUT = 600.0  # the CLI's own API timeout
+# A request body up to this size is kept until the answer starts, so that it can be sent
+# again when a pooled connection turns out to be closed (larger ones are not replayed).
+REPLAY_LIMIT = 8 * 1024 * 1024
+_CHUNK_LINE_LIMIT = 8192
 # Headers never forwarded upstream: the placeholder's carriers (the real one is
 # added), and what only concerns the hop to the relay.
 _STRIPPED = frozenset({"x-api-key", "authorization", "host", "proxy-authorization"})
@@ -141,6 +156,90 @@ class _Refused(Exception):
         self.message = message
 
 
+class _Stale(Exception):
+    """The upstream connection ended before any byte of the answer."""
+
+
+class _ChunkedEnd:
+    """Finds where a chunked body ends, without changing a byte of it (the relay forwards
+    the encoding as is; it only needs to know when the message is over)."""
+
+    def __init__(self) -> None:
+        self.state = "size"  # size | data | crlf | trailer
+        self.line = bytearray()
+        self.left = 0
+        self.done = False
+
+    def feed(self, data: bytes) -> int:
+        """How many bytes of `data` belong to the body (all of them until its end)."""
+        i, n = 0, len(data)
+        while i < n and not self.done:
+            if self.state == "data":
+                take = min(self.left, n - i)
+                i += take
+                self.left -= take
+                if self.left == 0:
+                    self.state = "crlf"
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self.line += data[i:]
+                if len(self.line) > _CHUNK_LINE_LIMIT:
+                    raise _HttpError(502, "a chunk line is too long")
+                return n
+            self.line += data[i:j]
+            i = j + 1
+            line = bytes(self.line).rstrip(b"\r")
+            self.line.clear()
+            if self.state == "size":
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                    raise _HttpError(502, "bad chunk size")
+                self.left = int(size, 16)
+                self.state = "data" if self.left else "trailer"
+            elif self.state == "crlf":
+                if line:
+                    raise _HttpError(502, "a chunk does not end with CRLF")
+                self.state = "size"
+            elif not line:  # the empty line after the (optional) trailer section
+                self.done = True
+        return i
+
+
+@dataclass
+class _Body:
+    """A request body on its way up: `length` bytes (None: chunked, up to the client's EOF);
+    the bytes read so far are kept while they fit in REPLAY_LIMIT."""
+
+    reader: asyncio.StreamReader
+    length: int | None
+    pending: bytes
+    got: int = 0
+    kept: bytearray | None = None
+
+    def __post_init__(self) -> None:
+        if self.length is not None:
+            self.pending = self.pending[: self.length]
+        self.got = len(self.pending)
+        if self.length is not None and self.length <= REPLAY_LIMIT:
+            self.kept = bytearray(self.pending)
+
+    @property
+    def replayable(self) -> bool:
+        return self.kept is not None
+
+    @property
+    def complete(self) -> bool:
+        return self.length is not None and self.got >= self.length
+
+    def start(self) -> bytes:
+        """What an attempt sends first: every byte so far (kept), else the leftover once."""
+        if self.kept is not None:
+            return bytes(self.kept)
+        out, self.pending = self.pending, b""
+        return out
+
+
 def _error(status: int, kind: str, message: str) -> bytes:
     body = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
     head = (
@@ -186,6 +285,8 @@ class ApiRelay:
         idle_timeout: float = IDLE_TIMEOUT,
         request_limit: int = REQUEST_LIMIT,
         response_limit: int = RESPONSE_LIMIT,
+        pool_max_idle: int = POOL_MAX_IDLE,
+        pool_idle_timeout: float = POOL_IDLE_TIMEOUT,
     ) -> None:
         self._policy = policy
         self._log = egress_log
@@ -200,6 +301,8 @@ class ApiRelay:
         self.request_limit = request_limit
         self.response_limit = response_limit
         self.active = 0
+        # Idle upstream connections, per (scheme, host, port, boxed): keep-alive for turns.
+        self.pool = UpstreamPool(pool_max_idle, pool_idle_timeout)
         # The loopback listener for runs without a box (one per agent, started on first
         # use) and the runs registered on it, by placeholder.
         self._loopback: asyncio.Server | None = None
@@ -249,6 +352,7 @@ class ApiRelay:
         if self._loopback is not None:
             self._loopback.close()
             self._loopback = None
+        await self.pool.aclose()
 
     # -- one connection -----------------------------------------------------------
     async def handle(
@@ -259,7 +363,6 @@ class ApiRelay:
         rec = EgressRecord(ts=time.time(), host="", port=0, method="", allowed=False, reason="")
         started = False
         t0 = time.monotonic()
-        origin_w: asyncio.StreamWriter | None = None
         self.active += 1
         try:
             try:
@@ -293,7 +396,8 @@ class ApiRelay:
                 )
             up = route.credential.upstream
             rec.host, rec.port = up.host, up.port
-            self._body_length(headers)
+            length = self._body_length(headers)
+            chunked = any(n.lower() == "transfer-encoding" for n, _ in headers)
             if route.boxed:
                 rec.allowed, rec.reason = self._decide(up.host)
                 if not rec.allowed:
@@ -305,14 +409,19 @@ class ApiRelay:
                 rec.reason += " (api relay)"
             else:
                 rec.allowed, rec.reason = True, "no sandbox: not policed (api relay)"
-            origin_r, origin_w = await self._dial(route)
+            # Kept alive upstream unless the body's end is only known from the client's EOF.
+            keep_alive = not chunked and self.pool.max_idle > 0
             drop = _drop_list(headers) | _STRIPPED
             cred = route.credential
             lines = [f"{method} {up.prefix}{target} HTTP/1.1", f"Host: {up.authority}"]
             lines += [f"{n}: {v}" for n, v in headers if n.lower() not in drop]
-            lines += [f"{cred.header}: {cred.header_value()}", "Connection: close"]
+            lines += [
+                f"{cred.header}: {cred.header_value()}",
+                "Connection: keep-alive" if keep_alive else "Connection: close",
+            ]
             request_head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-            await self._exchange(reader, writer, origin_r, origin_w, request_head, leftover, rec)
+            body = _Body(reader, None if chunked else (length or 0), leftover)
+            await self._forward(route, method, request_head, body, writer, rec, keep_alive)
         except _Refused as r:
             rec.status = r.status
             rec.error = rec.error or r.message
@@ -331,8 +440,6 @@ class ApiRelay:
         finally:
             self.active -= 1
             try:
-                if origin_w is not None:
-                    await _close(origin_w)
                 await _close(writer)
             finally:
                 if started:
@@ -405,67 +512,105 @@ class ApiRelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return reader, writer
 
+    async def _forward(
+        self,
+        route: Route,
+        method: str,
+        request_head: bytes,
+        body: _Body,
+        writer: asyncio.StreamWriter,
+        rec: EgressRecord,
+        keep_alive: bool,
+    ) -> None:
+        """Send the request on a pooled or new upstream connection and relay the answer; the
+        connection goes back to the pool only when both messages ended exactly."""
+        up = route.credential.upstream
+        key = (up.scheme, up.host, up.port, route.boxed)
+        for attempt in (1, 2):
+            conn = await self.pool.take(key) if keep_alive and attempt == 1 else None
+            if conn is None:
+                origin_r, origin_w = await self._dial(route)
+                self.pool.dialled += 1
+                conn = PooledConnection(key, origin_r, origin_w)
+            reusable = False
+            try:
+                reusable = await self._exchange(writer, conn, request_head, body, rec, method)
+                return
+            except _Stale:
+                if conn.reused and body.replayable:
+                    continue  # the API closed the idle connection: once more, on a new one
+                raise _Refused(
+                    502,
+                    "api_error",
+                    "cowork api relay: the API closed the connection before answering",
+                ) from None
+            finally:
+                if reusable and keep_alive:
+                    self.pool.put(conn)
+                else:
+                    self.pool.release(conn)
+
     async def _exchange(
         self,
-        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        origin_r: asyncio.StreamReader,
-        origin_w: asyncio.StreamWriter,
+        conn: PooledConnection,
         request_head: bytes,
-        leftover: bytes,
+        body: _Body,
         rec: EgressRecord,
-    ) -> None:
+        method: str,
+    ) -> bool:
+        """One attempt: the request up, the answer down. True when the upstream connection
+        may be reused (the whole body sent, the answer read exactly to its end)."""
+        origin_w = conn.writer
+
         async def up() -> None:
-            origin_w.write(request_head + leftover)
-            rec.bytes_up += len(request_head) + len(leftover)
+            first = request_head + body.start()
+            origin_w.write(first)
+            rec.bytes_up += len(first)
             await origin_w.drain()
-            while True:
-                data = await reader.read(CHUNK)
+            while not body.complete:
+                want = CHUNK if body.length is None else min(CHUNK, body.length - body.got)
+                data = await body.reader.read(want)
                 if not data:
                     break
+                body.got += len(data)
                 rec.bytes_up += len(data)
-                if rec.bytes_up > self.request_limit + len(request_head):
+                if body.got > self.request_limit:
                     raise _Refused(
                         413,
                         "request_too_large",
                         f"cowork api relay: the request is larger than {self.request_limit} bytes",
                     )
+                if body.kept is not None:
+                    body.kept += data
                 origin_w.write(data)
                 await origin_w.drain()
 
         up_t = asyncio.ensure_future(up())
-        down_t = asyncio.ensure_future(self._response(origin_r, writer, rec))
+        down_t = asyncio.ensure_future(self._response(conn.reader, writer, rec, method))
         try:
-            while True:
-                done, _ = await asyncio.wait({up_t, down_t}, return_when=asyncio.FIRST_COMPLETED)
-                if down_t in done:
-                    down_t.result()
-                    return
+            done, _ = await asyncio.wait({up_t, down_t}, return_when=asyncio.FIRST_COMPLETED)
+            if down_t not in done:
                 exc = up_t.exception()
                 if isinstance(exc, _Refused):
                     raise exc
                 # The upstream stopped reading (it may answer before taking the whole
-                # body) or the client half-closed: the answer still comes back.
-                await down_t
-                return
+                # body), or the client half-closed: the answer still comes back.
+            clean = await down_t
+            sent = up_t.done() and not up_t.cancelled() and up_t.exception() is None
+            return clean and sent and body.complete
         finally:
             for t in (up_t, down_t):
                 t.cancel()
             await asyncio.gather(up_t, down_t, return_exceptions=True)
 
-    async def _read(self, origin: asyncio.StreamReader) -> bytes:
-        return await asyncio.wait_for(origin.read(CHUNK), self.idle_timeout)
+    async def _read(self, origin: asyncio.StreamReader, n: int = CHUNK) -> bytes:
+        return await asyncio.wait_for(origin.read(n), self.idle_timeout)
 
-    async def _response(
-        self, origin: asyncio.StreamReader, writer: asyncio.StreamWriter, rec: EgressRecord
-    ) -> None:
-        """The upstream's answer: its head filtered, then the body as it arrives."""
+    async def _head(self, origin: asyncio.StreamReader, prefix: bytes) -> tuple[bytes, bytes]:
+        """The next response head from the upstream; _Stale when it ended before any byte."""
         try:
-            got = await asyncio.wait_for(_read_head(origin), self.idle_timeout)
-            if got is None:
-                raise _HttpError(502, "the connection closed before a response")
-            head, rest = got
-            first, headers = _parse_head(head)
+            got = await asyncio.wait_for(_read_head(origin, prefix), self.idle_timeout)
         except asyncio.TimeoutError:
             raise _Refused(
                 504, "api_error", f"cowork api relay: no answer within {self.idle_timeout:g}s"
@@ -474,32 +619,125 @@ class ApiRelay:
             raise _Refused(
                 502, "api_error", f"cowork api relay: bad response from the API: {e.message}"
             ) from None
-        m = _STATUS_LINE.fullmatch(first)
-        if m is None:
-            raise _Refused(502, "api_error", "cowork api relay: bad status line from the API")
-        rec.status = int(m[2])
+        except (ConnectionResetError, BrokenPipeError):
+            if prefix:
+                raise
+            raise _Stale() from None
+        if got is None:
+            raise _Stale()
+        return got
+
+    def _client_head(self, status: str, reason: str, headers: list[tuple[str, str]]) -> bytes:
         drop = _drop_list(headers)
-        lines = [f"HTTP/1.1 {m[2]} {m[3] or ''}".rstrip()]
+        lines = [f"HTTP/1.1 {status} {reason}".rstrip()]
         lines += [
             f"{n}: {v}"
             for n, v in headers
             if n.lower() not in drop and not _BAD_VALUE_CHARS.search(v)
         ]
         lines.append("Connection: close")
-        out = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        writer.write(out + rest)
-        rec.bytes_down += len(out) + len(rest)
-        await writer.drain()
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _response(
+        self,
+        origin: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        rec: EgressRecord,
+        method: str,
+    ) -> bool:
+        """The upstream's answer: its head filtered, then the body as it arrives, up to the
+        end its framing gives. True when it ended exactly there and the upstream keeps the
+        connection open (it may be reused)."""
+        rest = b""
         while True:
-            data = await self._read(origin)
-            if not data:
+            head, rest = await self._head(origin, rest)
+            try:
+                first, headers = _parse_head(head)
+            except _HttpError as e:
+                raise _Refused(
+                    502, "api_error", f"cowork api relay: bad response from the API: {e.message}"
+                ) from None
+            m = _STATUS_LINE.fullmatch(first)
+            if m is None:
+                raise _Refused(502, "api_error", "cowork api relay: bad status line from the API")
+            status = int(m[2])
+            if not (100 <= status < 200 and status != 101):
                 break
-            rec.bytes_down += len(data)
+            interim = self._client_head(m[2], m[3] or "", headers)  # e.g. 100 Continue
+            writer.write(interim)
+            rec.bytes_down += len(interim)
+        rec.status = status
+        tokens = {
+            t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")
+        }
+        keep = m[1] == "1.1" and "close" not in tokens and status != 101
+        encodings = [
+            t.strip().lower()
+            for n, v in headers
+            if n.lower() == "transfer-encoding"
+            for t in v.split(",")
+        ]
+        lengths = {v.strip() for n, v in headers if n.lower() == "content-length"}
+        remaining: int | None = None  # bytes of a Content-Length body still to come
+        chunks: _ChunkedEnd | None = None
+        if method == "HEAD" or status in (204, 304):
+            remaining = 0
+        elif encodings:
+            if encodings[-1] == "chunked":
+                chunks = _ChunkedEnd()
+            else:
+                keep = False  # ends with the connection
+        elif lengths:
+            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+                raise _Refused(
+                    502, "api_error", "cowork api relay: bad Content-Length from the API"
+                )
+            remaining = int(next(iter(lengths)))
+        else:
+            keep = False  # ends with the connection
+        out = self._client_head(m[2], m[3] or "", headers)
+        extra = False
+
+        def body_part(data: bytes) -> bytes:
+            """The part of `data` that is this answer's body (flags bytes beyond its end)."""
+            nonlocal remaining, extra
+            if chunks is not None:
+                try:
+                    n = chunks.feed(data)
+                except _HttpError as e:  # forwarded as it came; the connection is not reused
+                    rec.error = f"bad response from the API: {e.message}"
+                    extra = True
+                    return data
+            elif remaining is not None:
+                n = min(remaining, len(data))
+                remaining -= n
+            else:
+                n = len(data)
+            if n < len(data):
+                extra = True
+            return data[:n]
+
+        def ended() -> bool:
+            return chunks.done if chunks is not None else remaining == 0
+
+        first_part = body_part(rest)
+        writer.write(out + first_part)
+        rec.bytes_down += len(out) + len(first_part)
+        await writer.drain()
+        while not ended() and not extra:
+            want = CHUNK if remaining is None else min(CHUNK, remaining)
+            data = await self._read(origin, want)
+            if not data:
+                keep = False  # cut short (or close-delimited): the connection is over
+                break
+            part = body_part(data)
+            rec.bytes_down += len(part)
             if rec.bytes_down > self.response_limit:
                 rec.error = f"the response passed {self.response_limit} bytes: cut"
-                return
-            writer.write(data)
+                return False
+            writer.write(part)
             await writer.drain()
         with contextlib.suppress(OSError):
             if writer.can_write_eof():
                 writer.write_eof()
+        return keep and ended() and not extra

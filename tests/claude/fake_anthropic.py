@@ -114,6 +114,17 @@ class FakeAnthropic:
         # (header name, value) each request authenticated with, in order.
         self.credentials: list[tuple[str, str]] = []
         self.default_text = "OK"
+        # Like the real API: streams are chunked and the connection stays open for the
+        # next request. False: each stream ends with the connection (Connection: close).
+        self.keep_alive = True
+        # Close each connection after its response without saying so (a server whose
+        # keep-alive timer fired): the client's next request must use a new one.
+        self.close_after_response = False
+        # Once: a request that comes on a connection which already served one is not
+        # answered, the connection just closes (the keep-alive race a client must retry).
+        self.drop_next_reused_request = False
+        # TCP connections accepted so far (each TLS handshake is one).
+        self.connections = 0
         self._closing = threading.Event()
         # Set when a Hang reply has started streaming (the CLI is mid-turn).
         self.hanging = threading.Event()
@@ -180,6 +191,8 @@ class FakeAnthropic:
                 pass
 
             def setup(self) -> None:
+                with fake._lock:
+                    fake.connections += 1
                 if isinstance(self.request, ssl.SSLSocket):
                     self.request.settimeout(30)
                     try:
@@ -204,6 +217,14 @@ class FakeAnthropic:
                     body = json.loads(raw) if raw else {}
                 except ValueError:
                     body = {}
+                self.served = getattr(self, "served", 0) + 1
+                with fake._lock:
+                    drop = fake.drop_next_reused_request and self.served > 1
+                    if drop:
+                        fake.drop_next_reused_request = False
+                if drop:
+                    self.close_connection = True
+                    return
                 path = self.path.split("?", 1)[0]
                 conv = is_conversation(path, body)
                 fake._record("POST", self.path, body, self.headers, conv)
@@ -238,18 +259,30 @@ class FakeAnthropic:
                 self.end_headers()
                 self.wfile.write(data)
                 self.wfile.flush()
+                if fake.close_after_response:
+                    self.close_connection = True
 
             def _stream(self, reply: Reply, model: str) -> None:
+                chunked = fake.keep_alive and not isinstance(reply, Hang)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Connection", "close")
                 self.send_header("request-id", _new_id("req"))
                 self.end_headers()
-                self.close_connection = True
+                self.close_connection = not chunked or fake.close_after_response
                 try:
                     for event, data in _sse_events(reply, model):
-                        self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+                        text = f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+                        if chunked:
+                            text = b"%x\r\n%s\r\n" % (len(text), text)
+                        self.wfile.write(text)
+                        self.wfile.flush()
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
                         self.wfile.flush()
                     if isinstance(reply, Hang):
                         fake.hanging.set()
