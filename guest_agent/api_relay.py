@@ -79,6 +79,7 @@ IDLE_TIMEOUT = 600.0  # the CLI's own API timeout
 # A request body up to this size is kept until the answer starts, so that it can be sent
 # again when a pooled connection turns out to be closed (larger ones are not replayed).
 REPLAY_LIMIT = 8 * 1024 * 1024
+PLACEHOLDER_TAIL = "cowork-relay-api-key"  # 20 characters
 _CHUNK_LINE_LIMIT = 8192
 # Headers never forwarded upstream: the placeholder's carriers (the real one is
 # added), and what only concerns the hop to the relay.
@@ -98,7 +99,11 @@ class Route:
     def __post_init__(self) -> None:
         if not self.placeholder:
             prefix = "sk-ant-api03" if self.credential.kind == "api_key" else "sk-ant-oat01"
-            self.placeholder = f"{prefix}-cowork-placeholder-{secrets.token_hex(16)}"
+            # Random per run, with a fixed tail: the interactive CLI asks once whether to use
+            # a "custom API key" and remembers the answer by the key's last 20 characters.
+            self.placeholder = (
+                f"{prefix}-cowork-placeholder-{secrets.token_hex(16)}-{PLACEHOLDER_TAIL}"
+            )
 
     def env(self, base_url: str) -> dict[str, str]:
         """What the CLI gets instead of the credential."""

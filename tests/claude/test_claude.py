@@ -20,6 +20,7 @@ import pytest
 
 from cowork.agent.v1 import claude_pb2 as pb
 from cowork.agent.v1.process_pb2 import ResourceLimits
+from guest_agent.api_relay import PLACEHOLDER_TAIL
 from host_client import AsyncCoworkClient, CoworkError
 from host_client.claude import (
     AssistantText,
@@ -585,6 +586,9 @@ def seed_claude_home(agent: ClaudeAgent, workdir: str) -> None:
     cfg["hasCompletedOnboarding"] = True
     cfg.setdefault("customApiKeyResponses", {"approved": [], "rejected": []})
     cfg["customApiKeyResponses"]["approved"].append(FAKE_KEY[-20:])
+    # `coworkctl claude` gives the CLI the relay's placeholder, whose last 20 characters
+    # are always these (api_relay.PLACEHOLDER_TAIL): approved once, like a key.
+    cfg["customApiKeyResponses"]["approved"].append(PLACEHOLDER_TAIL)
     cfg.setdefault("projects", {})[workdir] = {"hasTrustDialogAccepted": True}
     cfg_path.write_text(json.dumps(cfg))
     if agent.run_as:
