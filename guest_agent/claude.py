@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import pwd
@@ -46,14 +48,14 @@ import shutil
 import signal
 import subprocess
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from cowork.agent.v1 import agent_pb2
+from cowork.agent.v1 import agent_pb2, process_pb2
 from cowork.agent.v1 import claude_pb2 as pb
 from cowork.agent.v1 import claude_pb2_grpc as pb_grpc
 from cowork.defaults import KILL_GRACE_SECONDS
@@ -62,27 +64,32 @@ from . import credentials as creds
 from .api_relay import ApiRelay, Endpoint, Route
 from .config import AgentConfig
 from .egress import OFFLINE, EgressLog
-from .errors import AgentError, denied, invalid, not_found
+from .errors import AgentError, denied, invalid, not_found, precondition
 from .info import AgentService
 from .paths import PathPolicy
-from .policy import Limits
+from .policy import Limits, RunLimits
 from .process import (
     PipeWatch,
     Spawned,
     base_environment,
     check_timeout,
+    detached_task,
     drain,
     limits_of,
     pump,
+    start_offset,
     write_all,
 )
 from .reaper import REAPER
 from .rpc import Context, audit
+from .runs import KIND_EVENT, Gap, RunRecord, Runs
 from .sandbox import RELAY_URL, Launch, RunUser, Sandbox, drop_to, lookup_user
 
 # Limits on what one event may carry: each must fit one gRPC message (~4 MiB,
 # MAX_MESSAGE_BYTES), whatever the CLI prints, or whatever a process of the run
 # writes to the CLI's stdout (it can: /proc/PID/fd/1).
+log = logging.getLogger("cowork.claude")
+
 TOOL_RESULT_LIMIT = 64 * 1024
 TOOL_RESULT_MAX_LIMIT = 1024 * 1024
 TOOL_INPUT_LIMIT = 1024 * 1024
@@ -696,8 +703,10 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         sandbox: Sandbox | None = None,
         relay: ApiRelay | None = None,
         credentials: creds.CredentialStore | None = None,
+        runs: Runs | None = None,
     ) -> None:
         self.cfg = cfg
+        self.runs = runs if runs is not None else Runs(None, RunLimits)
         self.paths = paths
         self.sandbox = sandbox
         self.relay = relay or ApiRelay(lambda: OFFLINE, EgressLog())
@@ -838,6 +847,122 @@ class ClaudeService(pb_grpc.ClaudeServicer):
     async def Ask(self, request: pb.AskRequest, context: Context) -> AsyncIterator[pb.AskEvent]:
         if not request.prompt and not (request.resume or request.continue_session):
             raise invalid("prompt is empty")
+        rec = self.runs.create(
+            "claude",
+            request.detach,
+            prompt=request.prompt,
+            cwd=request.cwd or self.paths.default_dir,
+        )
+        if not request.detach:
+            final: pb.AskEvent | None = None
+            try:
+                async for ev in self._ask(request, rec):
+                    if ev.WhichOneof("event") in ("result", "error"):
+                        final = ev
+                    yield ev
+            finally:
+                self.runs.finish(rec, _exit_of(final), "" if final else "stream ended")
+            return
+        # Detached: a task of the agent drives the run into its journal; this stream
+        # (like any Attach) follows the journal.
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[int] = loop.create_future()
+        rec.task = detached_task(self._drive(request, rec, started))
+        await asyncio.wait([started, rec.task], return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+        pid = started.result()  # the run's start failed: its error, as a direct Ask's
+        audit(run_id=rec.id, detached=True, pid=pid)
+        async for ev in self._follow(rec, 0):
+            yield ev
+
+    async def _drive(
+        self, request: pb.AskRequest, rec: RunRecord, started: asyncio.Future[int]
+    ) -> None:
+        """Run a detached Ask to its end, its events into the journal."""
+        journal = rec.journal
+        assert journal is not None
+        final: pb.AskEvent | None = None
+        reason = ""
+        gen = self._ask(request, rec, started)
+        try:
+            async for ev in gen:
+                kind = ev.WhichOneof("event")
+                if kind == "init" and ev.init.session_id:
+                    rec.session_id = ev.init.session_id
+                    self.runs.note_started(rec)
+                elif kind in ("result", "error"):
+                    final = ev
+                    if kind == "result" and ev.result.session_id:
+                        rec.session_id = ev.result.session_id
+                journal.append(KIND_EVENT, ev.SerializeToString())
+        except asyncio.CancelledError:
+            reason = "lost: agent stopped"
+        except AgentError as exc:
+            reason = exc.message
+            if not started.done():
+                started.set_exception(exc)
+        except Exception as exc:
+            log.exception("detached Claude run %s failed", rec.id)
+            reason = f"agent error: {exc!r}"
+            if not started.done():
+                started.set_exception(AgentError(grpc.StatusCode.INTERNAL, reason))
+        finally:
+            with contextlib.suppress(BaseException):
+                await gen.aclose()
+            if not started.done():
+                started.cancel()
+            if started.cancelled() or started.exception() is not None:
+                self.runs.discard(rec)  # it never started
+            else:
+                self.runs.finish(rec, _exit_of(final), reason)
+
+    async def _follow(self, rec: RunRecord, offset: int) -> AsyncIterator[pb.AskEvent]:
+        """A detached run's events from `offset`, then live ones, to its result or error."""
+        journal = rec.journal
+        assert journal is not None
+        yield pb.AskEvent(run=pb.RunEvent(run_id=rec.id, pid=rec.pid))
+        async for item in journal.follow(offset):
+            if isinstance(item, Gap):
+                gap = process_pb2.JournalGap(
+                    from_offset=item.from_offset, first_offset=item.first_offset
+                )
+                yield pb.AskEvent(gap=gap)
+                continue
+            ev = pb.AskEvent()
+            ev.ParseFromString(item.data)
+            ev.offset = item.offset
+            yield ev
+        await rec.done.wait()
+        if rec.exit is None and rec.state == "lost":
+            raise AgentError(
+                grpc.StatusCode.ABORTED, f"run {rec.id} has no result: {rec.reason or 'lost'}"
+            )
+
+    async def Attach(
+        self, request: pb.ClaudeAttachRequest, context: Context
+    ) -> AsyncIterator[pb.AskEvent]:
+        rec = self.runs.get(request.run_id)
+        if rec.kind != "claude":
+            raise precondition(f"run {rec.id} is an {rec.kind} run: attach with Process.Attach")
+        if rec.journal is None:
+            raise precondition(
+                f"run {rec.id} is not detached: its events go only to the stream that started it"
+            )
+        offset = start_offset(rec, request.from_offset, request.tail)
+        audit(run_id=rec.id, from_offset=offset)
+        async for ev in self._follow(rec, offset):
+            yield ev
+
+    async def _ask(
+        self,
+        request: pb.AskRequest,
+        rec: RunRecord,
+        started: asyncio.Future[int] | None = None,
+    ) -> AsyncGenerator[pb.AskEvent, None]:
+        """One Claude run's events; the CLI is stopped when the generator ends."""
+        if not request.prompt and not (request.resume or request.continue_session):
+            raise invalid("prompt is empty")
         check_timeout(request.timeout_ms)
         user = self._user()
         exe = find_claude(self.cfg.claude_bin, user)
@@ -894,6 +1019,17 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             raise
         audit(pid=sp.pid, sandbox=sp.launch is not None and sp.launch.info_r is not None)
         state = _RunState()
+        rec.pid = sp.pid
+        rec.signal = sp.signal_group
+
+        async def stop_run() -> None:
+            rec.killed = True
+            await self._stop(sp, state)
+
+        rec.stop = stop_run
+        self.runs.note_started(rec)
+        if started is not None and not started.done():
+            started.set_result(sp.pid)
         queue: asyncio.Queue[pb.AskEvent | None] = asyncio.Queue(EVENT_QUEUE)
         watch = PipeWatch()
         cancel, ended = asyncio.Event(), asyncio.Event()
@@ -1083,6 +1219,19 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         )
 
 
+def _exit_of(final: pb.AskEvent | None) -> process_pb2.Exit | None:
+    """The CLI's exit status as the final event (result or error) reports it."""
+    if final is None:
+        return None
+    if final.WhichOneof("event") == "result":
+        res = final.result
+        return process_pb2.Exit(code=res.exit_code, signal=res.signal)
+    err = final.error
+    return process_pb2.Exit(
+        code=err.exit_code, signal=err.signal, timed_out=err.timed_out, oom_killed=err.oom_killed
+    )
+
+
 _SERVICES: weakref.WeakSet[ClaudeService] = weakref.WeakSet()
 
 
@@ -1099,9 +1248,12 @@ def register(
     sandbox: Sandbox | None = None,
     relay: ApiRelay | None = None,
     credentials: creds.CredentialStore | None = None,
+    runs: Runs | None = None,
 ) -> None:
     """Add the Claude service to `server` and tell Agent.Info how to report the CLI."""
-    service = ClaudeService(cfg, paths, sandbox=sandbox, relay=relay, credentials=credentials)
+    service = ClaudeService(
+        cfg, paths, sandbox=sandbox, relay=relay, credentials=credentials, runs=runs
+    )
     pb_grpc.add_ClaudeServicer_to_server(service, server)
     agent.claude_info = service.info
     if "claude" not in agent.capabilities:

@@ -14,6 +14,11 @@ the key, and the previous policy stays in force.
       pids: 1024            # pids.max
       cpus: 2               # cpu.max, in CPUs
       max: {memory: 8GiB, pids: 4096, cpus: 4}   # what a call may ask for at most
+    runs:                   # runs with ids (detach, attach, replay)
+      journal: 64MiB        # each detached run's journal (its head is cut beyond it)
+      journal_total: 256MiB # all journals together (a new run is refused beyond it)
+      detached: 32          # detached runs going at once
+      keep: 24h             # how long a finished run keeps its exit and journal
 """
 
 from __future__ import annotations
@@ -65,6 +70,25 @@ class Limits:
         )
 
 
+DEFAULT_JOURNAL = 64 * 1024**2
+DEFAULT_JOURNAL_TOTAL = 256 * 1024**2
+DEFAULT_DETACHED = 32
+DEFAULT_KEEP_SECONDS = 24 * 3600.0
+# A journal smaller than this could not hold one output chunk.
+MIN_JOURNAL = 64 * 1024
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """What detached runs may hold: journal bytes each and in all, how many, for how long."""
+
+    journal: int = DEFAULT_JOURNAL
+    journal_total: int = DEFAULT_JOURNAL_TOTAL
+    detached: int = DEFAULT_DETACHED
+    keep_seconds: float = DEFAULT_KEEP_SECONDS
+
+
 @dataclass(frozen=True)
 class Policy:
     sandbox: str = "none"
@@ -73,6 +97,7 @@ class Policy:
     deny: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
+    runs: RunLimits = field(default_factory=RunLimits)
 
     def egress(self) -> DomainPolicy:
         """The domain policy the egress proxy enforces."""
@@ -94,11 +119,19 @@ class Policy:
         ceiling = lim(self.max_limits)
         if ceiling:
             limits["max"] = ceiling
-        return {
+        out: dict[str, Any] = {
             "sandbox": self.sandbox,
             "network": {"preset": self.preset, "allow": list(self.allow), "deny": list(self.deny)},
             "limits": limits,
         }
+        if self.runs != RunLimits():
+            out["runs"] = {
+                "journal": format_size(self.runs.journal),
+                "journal_total": format_size(self.runs.journal_total),
+                "detached": self.runs.detached,
+                "keep": format_duration(self.runs.keep_seconds),
+            }
+        return out
 
     def to_yaml(self) -> str:
         import yaml
@@ -154,6 +187,47 @@ def format_size(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """'24h', '30m', '90s', '500ms', '2d', or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise PolicyError(f"policy: {key} must be a duration like 30m or 24h, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise PolicyError(f"policy: {key} must be a duration like 30m or 24h, not {value!r}")
+        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2) or "s"]
+        seconds = float(m.group(1)) * unit
+    if not 0 <= seconds <= 366 * 86400:
+        raise PolicyError(f"policy: {key} must be from 0 to 366 days, not {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _runs(obj: Any) -> RunLimits:
+    d = _keys(obj, {"journal", "journal_total", "detached", "keep"}, "runs")
+    journal = parse_size(d.get("journal", DEFAULT_JOURNAL), "runs.journal")
+    total = parse_size(d.get("journal_total", DEFAULT_JOURNAL_TOTAL), "runs.journal_total")
+    if journal < MIN_JOURNAL:
+        raise PolicyError(f"policy: runs.journal must be at least {format_size(MIN_JOURNAL)}")
+    if total < journal:
+        raise PolicyError("policy: runs.journal_total must be at least runs.journal")
+    detached = d.get("detached", DEFAULT_DETACHED)
+    if isinstance(detached, bool) or not isinstance(detached, int) or not 0 <= detached <= 4096:
+        raise PolicyError(
+            f"policy: runs.detached must be a whole number from 0 to 4096, not {detached!r}"
+        )
+    keep = parse_duration(d.get("keep", DEFAULT_KEEP_SECONDS), "runs.keep")
+    return RunLimits(journal=journal, journal_total=total, detached=detached, keep_seconds=keep)
 
 
 def _keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -217,7 +291,7 @@ def parse(text: str) -> Policy:
         raise PolicyError(f"policy: not valid YAML{where}") from None
     except RecursionError:
         raise PolicyError("policy: the document is nested too deeply") from None
-    d = _keys(doc, {"sandbox", "network", "limits"}, "")
+    d = _keys(doc, {"sandbox", "network", "limits", "runs"}, "")
     sandbox = d.get("sandbox", "none")
     if sandbox not in SANDBOX_MODES:
         raise PolicyError(
@@ -237,6 +311,7 @@ def parse(text: str) -> Policy:
         deny=_domains(net.get("deny"), "network.deny"),
         limits=limits,
         max_limits=ceiling,
+        runs=_runs(d.get("runs")),
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import fcntl
 import logging
@@ -28,7 +29,7 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +46,12 @@ from cowork.defaults import (
     RUN_OUTPUT_LIMIT,
 )
 
-from .errors import AgentError, from_oserror, invalid, not_found
+from .errors import AgentError, from_oserror, invalid, not_found, precondition
 from .paths import PathPolicy
-from .policy import MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, Limits
+from .policy import MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, Limits, RunLimits
 from .reaper import REAPER, Run
 from .rpc import Context, add_bytes, audit, first_message
+from .runs import KIND_STDERR, KIND_STDOUT, Gap, Record, RunRecord, Runs
 from .sandbox import Boxed, Launch, Sandbox, require_tool
 
 log = logging.getLogger("cowork.process")
@@ -504,6 +506,20 @@ def spawn(
     return sp
 
 
+def start_offset(rec: RunRecord, from_offset: int, tail: bool) -> int:
+    """Where an Attach starts: `from_offset`, or the journal's end with `tail`."""
+    journal = rec.journal
+    assert journal is not None
+    if tail:
+        return journal.end
+    if from_offset > journal.end:
+        raise AgentError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"offset {from_offset} is past the end of run {rec.id}'s output ({journal.end})",
+        )
+    return from_offset
+
+
 class PipeWatch:
     """Which output fds are waiting for data, and since when (for `drain`).
 
@@ -576,16 +592,54 @@ async def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def check_control(kind: str | None, req: Any) -> None:
+    """Refuse a control message (Exec or Attach) the agent cannot act on (INVALID_ARGUMENT)."""
+    if kind == "signal" and not 0 < req.signal < signal.NSIG:
+        raise invalid(f"signal {req.signal} is not a signal number (1..{signal.NSIG - 1})")
+    if kind == "resize":
+        _check_size(req.resize.rows, req.resize.cols)
+
+
+def _control_request(kind: str | None, req: Any) -> pb.ExecRequest | None:
+    """An Attach control message as the ExecRequest the run's input loop takes."""
+    if kind == "stdin":
+        return pb.ExecRequest(stdin=req.stdin)
+    if kind == "close_stdin":
+        return pb.ExecRequest(close_stdin=True)
+    if kind == "signal":
+        return pb.ExecRequest(signal=req.signal)
+    if kind == "resize":
+        return pb.ExecRequest(resize=req.resize)
+    return None
+
+
+async def _queued(q: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    """The messages put on `q` (a detached run's control input), until None."""
+    while True:
+        item = await q.get()
+        if item is None:
+            return
+        yield item
+
+
+def detached_task(coro: Any) -> asyncio.Future[Any]:
+    """A task outside the current RPC's context (its audit line must not hold the run)."""
+    ctx = contextvars.Context()
+    return ctx.run(asyncio.ensure_future, coro)
+
+
 class ProcessService(pb_grpc.ProcessServicer):
     def __init__(
         self,
         paths: PathPolicy,
         kill_grace: float = KILL_GRACE_SECONDS,
         sandbox: Sandbox | None = None,
+        runs: Runs | None = None,
     ) -> None:
         self.paths = paths
         self.kill_grace = kill_grace
         self.sandbox = sandbox
+        self.runs = runs if runs is not None else Runs(None, RunLimits)
 
     async def Exec(
         self,
@@ -596,13 +650,171 @@ class ProcessService(pb_grpc.ProcessServicer):
         if first is None or first.WhichOneof("msg") != "start":
             raise invalid("the first Exec message must be `start`")
         spec = first.start
-        sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox)
-        await sp.activate(self.sandbox, self.kill_grace)
+        argv = _argv(spec)
+        cwd = spec.cwd or self.paths.default_dir
+        rec = self.runs.create("exec", spec.detach, argv=argv, cwd=cwd, pty=spec.pty)
+        if not spec.detach:
+            async for resp in self._exec(spec, request_iterator, rec):
+                yield resp
+            return
+        # Detached: a task of the agent drives the run into its journal; this stream
+        # (like any Attach) follows the journal and passes its input on.
+        assert rec.control is not None and rec.journal is not None
+        gen = self._exec(spec, _queued(rec.control), rec)
+        try:
+            started = await gen.__anext__()
+        except BaseException:
+            await gen.aclose()
+            if rec.running:
+                self.runs.discard(rec)
+            raise
+        audit(run_id=rec.id, detached=True)
+        rec.task = detached_task(self._drive(rec, gen))
+        yield started
+        async for resp in self._follow(rec, 0, request_iterator):
+            yield resp
+
+    async def _drive(self, rec: RunRecord, gen: AsyncGenerator[pb.ExecResponse, None]) -> None:
+        """Run a detached exec to its end, its output into the journal."""
+        journal = rec.journal
+        assert journal is not None
+        exit_msg: pb.Exit | None = None
+        reason = ""
+        try:
+            async for resp in gen:
+                kind = resp.WhichOneof("msg")
+                if kind == "stdout":
+                    journal.append(KIND_STDOUT, resp.stdout)
+                elif kind == "stderr":
+                    journal.append(KIND_STDERR, resp.stderr)
+                elif kind == "exit":
+                    exit_msg = resp.exit
+        except asyncio.CancelledError:
+            reason = "lost: agent stopped"
+        except AgentError as exc:
+            reason = exc.message
+        except Exception as exc:
+            log.exception("detached run %s failed", rec.id)
+            reason = f"agent error: {exc!r}"
+        finally:
+            with contextlib.suppress(BaseException):
+                await gen.aclose()
+            self.runs.finish(rec, exit_msg, reason)
+            log.info(
+                "detached run %s ended: %s",
+                rec.id,
+                f"exit {exit_msg.code} signal {exit_msg.signal}" if exit_msg else reason,
+            )
+
+    async def _follow(
+        self,
+        rec: RunRecord,
+        offset: int,
+        requests: AsyncIterator[Any],
+    ) -> AsyncIterator[pb.ExecResponse]:
+        """A detached run's journal from `offset`, live output, then its exit; the stream's
+        control messages go to the run. Leaving it leaves the run going, and so does the
+        end of its messages: a client that goes away must not close the run's stdin (EOF
+        is an explicit close_stdin)."""
+        journal = rec.journal
+        assert journal is not None
+        refused: list[AgentError] = []
+
+        async def forward() -> None:
+            try:
+                async for req in requests:
+                    kind = req.WhichOneof("msg")
+                    if kind in ("start", "attach"):
+                        raise invalid(f"`{kind}` must be the first message, and only the first")
+                    check_control(kind, req)
+                    msg = _control_request(kind, req)
+                    control = rec.control
+                    if msg is None or control is None:
+                        continue  # a newer client's message, or the run is over
+                    if kind == "stdin":
+                        add_bytes("stdin_bytes", len(req.stdin))
+                    await control.put(msg)
+            except AgentError as exc:
+                refused.append(exc)
+
+        items: asyncio.Queue[Gap | Record | None] = asyncio.Queue(4)
+
+        async def read() -> None:
+            async for item in journal.follow(offset):
+                await items.put(item)
+            await items.put(None)
+
+        inputs = asyncio.ensure_future(forward())
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                get = asyncio.ensure_future(items.get())
+                await asyncio.wait([get, inputs], return_when=asyncio.FIRST_COMPLETED)
+                if refused:
+                    get.cancel()
+                    raise refused[0]
+                item = await get
+                if item is None:
+                    break
+                if isinstance(item, Gap):
+                    yield pb.ExecResponse(
+                        gap=pb.JournalGap(
+                            from_offset=item.from_offset, first_offset=item.first_offset
+                        )
+                    )
+                elif item.kind == KIND_STDOUT:
+                    add_bytes("stdout_bytes", len(item.data))
+                    yield pb.ExecResponse(stdout=item.data, offset=item.offset)
+                elif item.kind == KIND_STDERR:
+                    add_bytes("stderr_bytes", len(item.data))
+                    yield pb.ExecResponse(stderr=item.data, offset=item.offset)
+            await rec.done.wait()
+            if refused:
+                raise refused[0]
+            if rec.exit is None:
+                raise AgentError(
+                    grpc.StatusCode.ABORTED,
+                    f"run {rec.id} has no exit status: {rec.reason or 'lost'}",
+                )
+            yield pb.ExecResponse(exit=rec.exit)
+        finally:
+            inputs.cancel()
+            reader.cancel()
+            await asyncio.gather(inputs, reader, return_exceptions=True)
+
+    async def _exec(
+        self,
+        spec: pb.ProcessSpec,
+        request_iterator: AsyncIterator[pb.ExecRequest],
+        rec: RunRecord,
+    ) -> AsyncGenerator[pb.ExecResponse, None]:
+        """One exec run: `started`, output, `exit`; the process dies with the generator."""
+        try:
+            sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox)
+        except BaseException:
+            self.runs.discard(rec)
+            raise
+        try:
+            await sp.activate(self.sandbox, self.kill_grace)
+        except BaseException:
+            self.runs.discard(rec)
+            raise
+        rec.pid = sp.pid
+        rec.signal = sp.signal_group
+
+        async def stop() -> None:
+            rec.killed = True
+            await sp.teardown(self.kill_grace)
+
+        rec.stop = stop
+        self.runs.note_started(rec)
         queue: asyncio.Queue[pb.ExecResponse | None] = asyncio.Queue(OUTPUT_QUEUE_CHUNKS)
         timed_out = False
+        exit_msg: pb.Exit | None = None
 
         async def to_queue(name: str, data: bytes) -> None:
-            add_bytes(f"{name}_bytes", len(data))
+            if not spec.detach:
+                add_bytes(f"{name}_bytes", len(data))
             if name == "stdout":
                 await queue.put(pb.ExecResponse(stdout=data))
             else:
@@ -635,10 +847,12 @@ class ProcessService(pb_grpc.ProcessServicer):
         async def control() -> None:
             async for req in request_iterator:
                 kind = req.WhichOneof("msg")
+                check_control(kind, req)
                 if kind == "stdin":
                     if sp.stdin_fd is None:
                         continue  # stdin closed or never opened: drop, like a closed pipe
-                    add_bytes("stdin_bytes", len(req.stdin))
+                    if not spec.detach:
+                        add_bytes("stdin_bytes", len(req.stdin))
                     try:
                         await write_all(sp.stdin_fd, req.stdin)
                     except OSError:
@@ -649,13 +863,8 @@ class ProcessService(pb_grpc.ProcessServicer):
                 elif kind == "close_stdin":
                     sp.close_stdin()
                 elif kind == "signal":
-                    if not 0 < req.signal < signal.NSIG:
-                        raise invalid(
-                            f"signal {req.signal} is not a signal number (1..{signal.NSIG - 1})"
-                        )
                     sp.signal_group(req.signal)
                 elif kind == "resize":
-                    _check_size(req.resize.rows, req.resize.cols)
                     sp.resize(req.resize.rows, req.resize.cols)
                 elif kind == "start":
                     raise invalid("`start` must be the first Exec message, and only the first")
@@ -685,7 +894,7 @@ class ProcessService(pb_grpc.ProcessServicer):
         if spec.timeout_ms:
             tasks.append(asyncio.ensure_future(watchdog()))
         try:
-            yield pb.ExecResponse(started=pb.Started(pid=sp.pid))
+            yield pb.ExecResponse(started=pb.Started(pid=sp.pid, run_id=rec.id))
             while True:
                 item = await queue.get()
                 if item is None:
@@ -710,11 +919,69 @@ class ProcessService(pb_grpc.ProcessServicer):
             # (a closed fd number can be reused at once by another RPC).
             await asyncio.gather(*tasks, return_exceptions=True)
             sp.close_fds()
+            if not spec.detach:
+                self.runs.finish(rec, exit_msg, "" if exit_msg else "stream ended")
+
+    # -- runs ---------------------------------------------------------------------------
+    async def List(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        return pb.ListRunsResponse(runs=[r.info() for r in self.runs.list()])
+
+    def _journaled(self, ref: str, kind: str) -> RunRecord:
+        rec = self.runs.get(ref)
+        if rec.kind != kind:
+            other = "Claude.Attach" if rec.kind == "claude" else "Process.Attach"
+            raise precondition(f"run {rec.id} is a {rec.kind} run: attach with {other}")
+        if rec.journal is None:
+            raise precondition(
+                f"run {rec.id} is not detached: its output goes only to the stream that started it"
+            )
+        return rec
+
+    async def Attach(
+        self, request_iterator: AsyncIterator[pb.AttachRequest], context: Context
+    ) -> AsyncIterator[pb.ExecResponse]:
+        first = await first_message(request_iterator)
+        if first is None or first.WhichOneof("msg") != "attach":
+            raise invalid("the first Attach message must be `attach`")
+        rec = self._journaled(first.attach.run_id, "exec")
+        offset = start_offset(rec, first.attach.from_offset, first.attach.tail)
+        audit(run_id=rec.id, from_offset=offset)
+        yield pb.ExecResponse(started=pb.Started(pid=rec.pid, run_id=rec.id))
+        async for resp in self._follow(rec, offset, request_iterator):
+            yield resp
+
+    async def Signal(self, request: pb.SignalRunRequest, context: Context) -> pb.RunInfo:
+        rec = self.runs.get(request.run_id)
+        if not 0 < request.signal < signal.NSIG:
+            raise invalid(f"signal {request.signal} is not a signal number (1..{signal.NSIG - 1})")
+        audit(run_id=rec.id, signal=request.signal)
+        if not rec.running or rec.signal is None:
+            raise precondition(f"run {rec.id} is not running ({rec.state})")
+        rec.signal(request.signal)
+        return rec.info()
+
+    async def Kill(self, request: pb.KillRunRequest, context: Context) -> pb.RunInfo:
+        rec = self.runs.get(request.run_id)
+        audit(run_id=rec.id)
+        if not rec.running:
+            raise precondition(f"run {rec.id} is not running ({rec.state})")
+        if rec.stop is not None:
+            await rec.stop()
+        await rec.done.wait()
+        return rec.info()
+
+    async def Wait(self, request: pb.WaitRunRequest, context: Context) -> pb.RunInfo:
+        rec = self.runs.get(request.run_id)
+        audit(run_id=rec.id)
+        await rec.done.wait()
+        return rec.info()
 
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
         spec = pb.ProcessSpec()
         spec.CopyFrom(request.spec)
         spec.pty = False
+        if spec.detach:
+            raise invalid("Run cannot detach (it returns the output): use Exec with detach")
         if request.output_limit > RUN_OUTPUT_LIMIT:
             raise invalid(
                 f"output_limit must be at most {RUN_OUTPUT_LIMIT} bytes (both streams come back "

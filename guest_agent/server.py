@@ -46,6 +46,7 @@ from .paths import PathPolicy
 from .policy_service import AuditRing, PolicyService, PolicyStore
 from .process import ProcessService
 from .rpc import AgentInterceptor
+from .runs import Runs
 from .sandbox import PROXY_URL, Sandbox, install_dir, require_tool, resolve_identity
 
 if TYPE_CHECKING:
@@ -172,8 +173,14 @@ class AgentServer:
         self.agent.live_capabilities = self._live_capabilities
         self._bwrap_works: bool | None = None
         agent_pb2_grpc.add_AgentServicer_to_server(self.agent, self.server)
+        # Runs with ids; detached runs' journals beside the reaper's state file.
+        state_file = reaper.state_file_for(cfg.listen, reaper.default_run_dir())
+        self.runs = Runs(
+            state_file.removesuffix(".runs.json") + ".journal", lambda: self.policy.current.runs
+        )
+        caps.append("runs")
         process_pb2_grpc.add_ProcessServicer_to_server(
-            ProcessService(self.paths, cfg.kill_grace, self.sandbox), self.server
+            ProcessService(self.paths, cfg.kill_grace, self.sandbox, self.runs), self.server
         )
         files = FilesService(
             self.paths, owner=self.identity.user if self.identity.mode == "user" else None
@@ -186,7 +193,14 @@ class AgentServer:
             PolicyService(self.policy, self.audit_ring, self.egress_log), self.server
         )
         claude.register(
-            self.server, cfg, self.paths, self.agent, self.sandbox, self.relay, self.credentials
+            self.server,
+            cfg,
+            self.paths,
+            self.agent,
+            self.sandbox,
+            self.relay,
+            self.credentials,
+            self.runs,
         )
         auth_pb2_grpc.add_AuthServicer_to_server(AuthService(self.credentials), self.server)
         self.health = Health()
@@ -251,6 +265,11 @@ class AgentServer:
             )
         # Subreaper, guardian and a previous life's leftovers: before any run can start.
         reaper.REAPER.install(reaper.state_file_for(self.cfg.listen, reaper.default_run_dir()))
+        try:
+            self.runs.load()
+        except OSError as exc:
+            log.warning("run journals at %s: %s (detach is not available)", self.runs.dir, exc)
+            self.runs.dir = None
         await self.server.start()
         for listen in self.listens:
             if listen.kind == "unix":
@@ -271,7 +290,9 @@ class AgentServer:
         # New calls are refused at once; Claude runs end with a cancelled ErrorEvent
         # (sent within the grace period) instead of a bare CANCELLED status.
         await asyncio.gather(
-            claude.cancel_all("the agent is shutting down"), self.server.stop(grace)
+            claude.cancel_all("the agent is shutting down"),
+            self.runs.close(),
+            self.server.stop(grace),
         )
         await self.relay.aclose()
         reaper.REAPER.close()

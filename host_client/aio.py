@@ -26,7 +26,7 @@ from .api.connection import CancelScope, Connection
 from .api.files import Progress
 from .api.process import ExecStream
 from .client import CoworkClient
-from .models import ExecEvent, ExecutionResult, Exited, FileInfo, TransferResult
+from .models import ExecEvent, ExecutionResult, Exited, FileInfo, RunInfo, TransferResult
 
 if TYPE_CHECKING:
     from .claude import ClaudeEvent, ClaudeExecutionResult
@@ -120,6 +120,16 @@ class AsyncExecStream:
         """The Exited event once the process ended."""
         return self._stream.exit
 
+    @property
+    def run_id(self) -> str:
+        """The run's id (once Started)."""
+        return self._stream.run_id
+
+    @property
+    def offset(self) -> int:
+        """Detached runs: the journal offset after the last output seen."""
+        return self._stream.offset
+
     def write(self, data: bytes) -> None:
         """Send `data` to the process's stdin (interactive mode / PTY)."""
         self._stream.write(data)
@@ -165,6 +175,16 @@ class AsyncAskStream:
     def finished(self) -> bool:
         """True once the result (or the terminal error) arrived."""
         return self._stream.finished
+
+    @property
+    def run_id(self) -> str:
+        """Detached or attached runs: the run's id."""
+        return self._stream.run_id
+
+    @property
+    def offset(self) -> int:
+        """Detached runs: the journal offset after the last event seen."""
+        return self._stream.offset
 
     def cancel(self) -> None:
         """Stop the remote run (its stream ends with a cancelled ClaudeError)."""
@@ -223,6 +243,7 @@ class AsyncProcess:
         cols: int = 0,
         term: str = "",
         limits: Mapping[str, float] | None = None,
+        detach: bool = False,
     ) -> AsyncExecStream:
         """Start a process and stream its events (`async for`); nothing is sent until then.
 
@@ -240,8 +261,40 @@ class AsyncProcess:
             cols=cols,
             term=term,
             limits=limits,
+            detach=detach,
         )
         return AsyncExecStream(stream, self._worker)
+
+    def attach(
+        self,
+        run_id: str,
+        *,
+        from_offset: int = 0,
+        tail: bool = False,
+        stdin: bytes | str | Iterable[bytes] | Any = None,
+        interactive: bool = False,
+    ) -> AsyncExecStream:
+        """Follow a detached exec run again (see api.process.Process.attach)."""
+        stream = self._sync.attach(
+            run_id, from_offset=from_offset, tail=tail, stdin=stdin, interactive=interactive
+        )
+        return AsyncExecStream(stream, self._worker)
+
+    async def runs(self) -> list[RunInfo]:
+        """Every run the agent knows: running ones, and finished detached ones it keeps."""
+        return await self._worker.call(self._sync.runs)
+
+    async def signal_run(self, run_id: str, signum: int) -> RunInfo:
+        """Send signal `signum` to a run's process group."""
+        return await self._worker.call(self._sync.signal_run, run_id, signum)
+
+    async def kill(self, run_id: str) -> RunInfo:
+        """Stop a run (SIGTERM, then SIGKILL after the agent's grace) and return it ended."""
+        return await self._worker.call(self._sync.kill, run_id)
+
+    async def wait(self, run_id: str, timeout: float | None = None) -> RunInfo:
+        """Wait until a run has ended (DeadlineExceeded after `timeout` seconds)."""
+        return await self._worker.call(self._sync.wait, run_id, timeout)
 
 
 class AsyncFiles:
@@ -365,6 +418,11 @@ class AsyncClaude:
     def stream(self, prompt: str, **options: Any) -> AsyncAskStream:
         """Like `ask`, but yields the run's typed events as they happen (`async for`)."""
         return AsyncAskStream(self._sync.stream(prompt, **options), self._worker)
+
+    def attach(self, run_id: str, *, from_offset: int = 0, tail: bool = False) -> AsyncAskStream:
+        """Follow a detached Claude run again (see api.claude.Claude.attach)."""
+        stream = self._sync.attach(run_id, from_offset=from_offset, tail=tail)
+        return AsyncAskStream(stream, self._worker)
 
     async def version(self) -> dict[str, Any]:
         """Whether the CLI is installed in the VM, its version, path and run-as user."""
@@ -564,6 +622,7 @@ class AsyncCoworkClient:
         cols: int = 0,
         term: str = "",
         limits: Mapping[str, float] | None = None,
+        detach: bool = False,
     ) -> AsyncExecStream:
         """Shorthand for `process.exec`: start a process and stream its events."""
         return self.process.exec(
@@ -578,6 +637,7 @@ class AsyncCoworkClient:
             cols=cols,
             term=term,
             limits=limits,
+            detach=detach,
         )
 
     async def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:

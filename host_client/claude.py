@@ -167,6 +167,24 @@ class ClaudeError(_Event):
     oom_killed: bool = False
 
 
+@dataclass(frozen=True)
+class ClaudeRun(_Event):
+    """First event of a detached run (and of an attach): the run's id, for attach/kill."""
+
+    kind = "run"
+    run_id: str
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class ClaudeGap(_Event):
+    """Attach: the run's journal no longer holds events [from_offset, first_offset)."""
+
+    kind = "gap"
+    from_offset: int
+    first_offset: int
+
+
 ClaudeEvent = (
     ClaudeInit
     | AssistantText
@@ -176,6 +194,8 @@ ClaudeEvent = (
     | RawEvent
     | ClaudeLog
     | ClaudeError
+    | ClaudeRun
+    | ClaudeGap
 )
 
 
@@ -246,6 +266,10 @@ def event_from_pb(ev: pb.AskEvent) -> ClaudeEvent:
         return ClaudeError(
             e.message, e.exit_code, e.signal, e.timed_out, e.cancelled, e.stderr_tail, e.oom_killed
         )
+    if kind == "run":
+        return ClaudeRun(ev.run.run_id, ev.run.pid)
+    if kind == "gap":
+        return ClaudeGap(ev.gap.from_offset, ev.gap.first_offset)
     return RawEvent(f"unknown-event/{kind}", "{}")
 
 
@@ -276,6 +300,7 @@ def ask_request(
     env: Mapping[str, str] | None = None,
     forward_auth: bool = True,
     tool_result_limit: int = 0,
+    detach: bool = False,
 ) -> pb.AskRequest:
     """Build the Claude.Ask request (the keyword options of ask_claude/ask_stream)."""
 
@@ -307,6 +332,7 @@ def ask_request(
         timeout_ms=int(timeout * 1000) if timeout else 0,
         env=run_env,
         tool_result_limit=tool_result_limit,
+        detach=detach,
     )
 
 

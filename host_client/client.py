@@ -283,6 +283,7 @@ class CoworkClient:
         cols: int = 0,
         term: str = "",
         limits: Mapping[str, float] | None = None,
+        detach: bool = False,
     ) -> ExecStream:
         """Shorthand for `process.exec`: start a process and stream its events."""
         return self.process.exec(
@@ -297,6 +298,7 @@ class CoworkClient:
             cols=cols,
             term=term,
             limits=limits,
+            detach=detach,
         )
 
     def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:

@@ -30,12 +30,27 @@ class ExecutionResult:
 @dataclass(frozen=True)
 class Started:
     pid: int
+    run_id: str = ""  # agents with capability "runs"
 
 
 @dataclass(frozen=True)
 class Output:
     stream: str  # "stdout" | "stderr"
     data: bytes
+    # Detached runs: the journal offset of data[0] (resume at offset + len(data)).
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Attach: the run's journal no longer holds [from_offset, first_offset) (cut at its cap)."""
+
+    from_offset: int
+    first_offset: int
+
+    @property
+    def dropped(self) -> int:
+        return self.first_offset - self.from_offset
 
 
 @dataclass(frozen=True)
@@ -56,7 +71,7 @@ class Exited:
         return self.code
 
 
-ExecEvent = Started | Output | Exited
+ExecEvent = Started | Output | Gap | Exited
 
 
 @dataclass(frozen=True)
@@ -98,3 +113,36 @@ class TransferResult:
     symlinks: int = 0
     # What was not copied and why, in the order met.
     skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run the agent knows by id (Process.List): running, or finished and kept."""
+
+    id: str
+    kind: str  # "exec" | "claude"
+    state: str  # "running" | "exited" | "lost"
+    detached: bool
+    argv: list[str]
+    prompt: str
+    box: str
+    started_at: float  # unix seconds
+    ended_at: float  # 0 while running
+    exit: Exited | None
+    pid: int
+    journal_start: int
+    journal_end: int
+    journal_bytes: int
+    reason: str
+    session_id: str
+    pty: bool
+    cwd: str
+
+    @property
+    def command(self) -> str:
+        """What the run runs, in one line (argv, or the prompt)."""
+        if self.kind == "claude":
+            return "claude: " + " ".join(self.prompt.split())
+        import shlex
+
+        return shlex.join(self.argv)

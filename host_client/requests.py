@@ -13,7 +13,7 @@ from typing import Any
 
 from cowork.agent.v1 import files_pb2, process_pb2
 
-from .models import Exited, FileInfo, Output, Started
+from .models import Exited, FileInfo, Gap, Output, RunInfo, Started
 
 UPLOAD_CHUNK = 1024 * 1024  # the agent's maximum chunk; fewer messages, faster transfers
 _TYPES = {
@@ -37,6 +37,7 @@ def process_spec(
     stdin: bool = False,
     clear_env: bool = False,
     limits: Mapping[str, float] | None = None,
+    detach: bool = False,
 ) -> process_pb2.ProcessSpec:
     """A str is a shell command line (`sh -c`); a sequence is an argv (no shell)."""
     spec = process_pb2.ProcessSpec(
@@ -48,6 +49,7 @@ def process_spec(
         stdin=stdin,
         clear_env=clear_env,
         timeout_ms=int(timeout * 1000) if timeout else 0,
+        detach=detach,
     )
     if isinstance(command, str):
         spec.shell = command
@@ -72,15 +74,40 @@ def resource_limits(limits: Mapping[str, float]) -> process_pb2.ResourceLimits:
     )
 
 
-def exec_event(resp: process_pb2.ExecResponse) -> Started | Output | Exited:
+def exec_event(resp: process_pb2.ExecResponse) -> Started | Output | Gap | Exited:
     kind = resp.WhichOneof("msg")
     if kind == "stdout":
-        return Output("stdout", resp.stdout)
+        return Output("stdout", resp.stdout, resp.offset)
     if kind == "stderr":
-        return Output("stderr", resp.stderr)
+        return Output("stderr", resp.stderr, resp.offset)
     if kind == "started":
-        return Started(resp.started.pid)
+        return Started(resp.started.pid, resp.started.run_id)
+    if kind == "gap":
+        return Gap(resp.gap.from_offset, resp.gap.first_offset)
     return exited(resp.exit)
+
+
+def run_info(msg: process_pb2.RunInfo) -> RunInfo:
+    return RunInfo(
+        id=msg.id,
+        kind=msg.kind,
+        state=msg.state,
+        detached=msg.detached,
+        argv=list(msg.argv),
+        prompt=msg.prompt,
+        box=msg.box,
+        started_at=msg.started_at,
+        ended_at=msg.ended_at,
+        exit=exited(msg.exit) if msg.HasField("exit") else None,
+        pid=msg.pid,
+        journal_start=msg.journal_start,
+        journal_end=msg.journal_end,
+        journal_bytes=msg.journal_bytes,
+        reason=msg.reason,
+        session_id=msg.session_id,
+        pty=msg.pty,
+        cwd=msg.cwd,
+    )
 
 
 def exited(msg: process_pb2.Exit) -> Exited:

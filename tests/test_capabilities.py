@@ -51,7 +51,7 @@ class _Process(process_pb2_grpc.ProcessServicer):
 def old_agent() -> Iterator[tuple[str, str, _Process]]:
     d = Path(tempfile.mkdtemp(prefix="cw-old-", dir="/tmp"))
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    process = _Process()
+    process = _Process()  # type: ignore[abstract]  # an older agent: no runs
     agent_pb2_grpc.add_AgentServicer_to_server(_OldAgent(), server)
     process_pb2_grpc.add_ProcessServicer_to_server(process, server)
     server.add_insecure_port(f"unix:{d}/s.sock")

@@ -96,8 +96,8 @@ def test_both_surfaces_take_the_same_parameters(sync: type, aio: type) -> None:
 # Attributes users read: sync properties or plain attributes, async properties.
 ATTRIBUTES = {
     CoworkClient: {"target", "connect_timeout", "process", "files", "claude", "policy"},
-    ExecStream: {"pid", "exit"},
-    AskStream: {"events", "finished"},
+    ExecStream: {"pid", "exit", "run_id", "offset"},
+    AskStream: {"events", "finished", "run_id", "offset"},
 }
 
 
@@ -139,7 +139,7 @@ def test_every_public_method_has_a_docstring(sync: type, aio: type) -> None:
 
 def test_the_async_methods_are_awaitable_where_the_sync_ones_block() -> None:
     # Calls that return a stream stay plain methods on both sides (iterate with async for).
-    streams = {"exec", "stream", "ask_stream", "logs", "__aiter__"}
+    streams = {"exec", "stream", "ask_stream", "logs", "attach", "__aiter__"}
     for _, aio in PAIRS:
         for name, fn in public_methods(aio).items():
             if name == "__init__" or name in streams or name in ASYNC_NAME.values():

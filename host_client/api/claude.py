@@ -18,7 +18,9 @@ from ..claude import (
     ClaudeError,
     ClaudeEvent,
     ClaudeExecutionResult,
+    ClaudeGap,
     ClaudeResult,
+    ClaudeRun,
     ask_request,
     event_from_pb,
     summarize,
@@ -27,6 +29,7 @@ from ..claude import (
 from .connection import Connection
 
 FEATURE = "Claude Code runs"
+RUNS_FEATURE = "runs with ids: detach, attach, list, kill"
 
 
 class Claude:
@@ -52,7 +55,17 @@ class Claude:
         """Like `ask`, but yields the run's typed events as they happen."""
         request = ask_request(prompt, **options)
         self._conn.require("claude", FEATURE)
+        if request.detach:
+            self._conn.require("runs", RUNS_FEATURE)
         return AskStream(self._conn, self._stub(), request)
+
+    def attach(self, run_id: str, *, from_offset: int = 0, tail: bool = False) -> AskStream:
+        """Follow a detached Claude run again: its events from `from_offset` (a ClaudeGap
+        first when the journal's head was cut; `tail`: only new ones) to its result or
+        error. Leaving the stream leaves the run going (`vm.process.kill` stops it)."""
+        self._conn.require("runs", RUNS_FEATURE)
+        req = pb.ClaudeAttachRequest(run_id=run_id, from_offset=from_offset, tail=tail)
+        return AskStream(self._conn, self._stub(), None, attach=req)
 
     def version(self) -> dict[str, Any]:
         """Whether the CLI is installed in the VM, its version, path and run-as user."""
@@ -69,14 +82,23 @@ class AskStream:
     """
 
     def __init__(
-        self, conn: Connection, stub: claude_pb2_grpc.ClaudeStub, request: pb.AskRequest
+        self,
+        conn: Connection,
+        stub: claude_pb2_grpc.ClaudeStub,
+        request: pb.AskRequest | None,
+        attach: pb.ClaudeAttachRequest | None = None,
     ) -> None:
         self._conn = conn
         self._stub = stub
         self._request = request
+        self._attach = attach
         self._call: Any = None
         self.events: list[ClaudeEvent] = []
         self.finished = False
+        # Detached runs: the run's id, and the journal offset after the last event seen
+        # (where a reattach resumes).
+        self.run_id = attach.run_id if attach is not None else ""
+        self.offset = attach.from_offset if attach is not None else 0
 
     def cancel(self) -> None:
         """Stop the remote run (its stream ends with a cancelled ClaudeError)."""
@@ -87,19 +109,28 @@ class AskStream:
         """Start the run (on first iteration) and yield its events."""
 
         def start() -> tuple[Any, pb.AskEvent | None]:
-            call = self._stub.Ask(self._request, metadata=self._conn.metadata)
+            if self._attach is not None:
+                call = self._stub.Attach(self._attach, metadata=self._conn.metadata)
+            else:
+                assert self._request is not None
+                call = self._stub.Ask(self._request, metadata=self._conn.metadata)
             self._call = call
             try:
                 return call, next(iter(call))
             except StopIteration:
                 return call, None
 
-        call, first = self._conn.call(start)
+        detach = self._request is not None and self._request.detach
+        call, first = self._conn.call(start, retry=not detach)
         try:
             if first is None:
                 return
             for resp in _chain(first, call):
                 ev = event_from_pb(resp)
+                if isinstance(ev, ClaudeRun):
+                    self.run_id = ev.run_id
+                elif not isinstance(ev, ClaudeGap) and (detach or self._attach is not None):
+                    self.offset = resp.offset + 1
                 self.events.append(ev)
                 if isinstance(ev, (ClaudeResult, ClaudeError)):
                     self.finished = True

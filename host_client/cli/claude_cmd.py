@@ -95,6 +95,12 @@ def register(sub: Any) -> None:
         help="one JSON event per line on stdout",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the answer")
+    p.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="start it detached: print the run's id and leave it going (coworkctl attach ID)",
+    )
     p.add_argument("--show-logs", action="store_true", help="also show the CLI's stderr lines")
     p.set_defaults(func=cmd_ask)
 
@@ -159,10 +165,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
             continue_session=args.continue_session,
             session_id=args.session_id,
             fork_session=args.fork_session,
-            include_partial_messages=tty,
+            include_partial_messages=tty and not args.detach,
             timeout=args.timeout,
             env=env,
+            detach=args.detach,
         )
+        if args.detach:
+            return _detached(stream)
         renderer = Renderer(
             sys.stdout,
             sys.stderr,
@@ -174,6 +183,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return run_stream(stream, renderer)
     finally:
         client.close()
+
+
+def _detached(stream: AskStream) -> int:
+    """A detached run's first event names it: print its id and leave it going."""
+    events = iter(stream)
+    try:
+        next(events)
+    finally:
+        stream.cancel()
+    print(stream.run_id)
+    return 0
 
 
 def run_stream(stream: AskStream, renderer: Renderer) -> int:
@@ -276,6 +296,7 @@ class Renderer:
         from ..claude import (
             AssistantText,
             ClaudeError,
+            ClaudeGap,
             ClaudeInit,
             ClaudeLog,
             ClaudeResult,
@@ -286,6 +307,12 @@ class Renderer:
 
         if self.json_lines:
             print_json(ev.to_dict())
+            return
+        if isinstance(ev, ClaudeGap):
+            self._error(
+                f"[the run's journal no longer holds its first {ev.first_offset - ev.from_offset}"
+                f" events asked for: replay starts at event {ev.first_offset}]"
+            )
             return
         if isinstance(ev, ClaudeInit):
             if self.tty:

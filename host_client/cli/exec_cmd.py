@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
     p.add_argument("-i", "--interactive", action="store_true", help="forward stdin even from a TTY")
+    p.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="start it detached: print the run's id and leave it going (coworkctl attach ID)",
+    )
     p.add_argument("--cwd", help="working directory (default: the workspace root)")
     p.add_argument("--env", action="append", default=[], metavar="K=V", help="set a variable")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="kill after SECONDS (exit 124)")
@@ -100,10 +106,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         fail("--timeout must be > 0", 2)
     limits = limits_arg(args)  # usage errors before any connection
+    if args.detach and args.interactive:
+        fail("a detached run takes no stdin from exec: coworkctl attach -i ID forwards it", 2)
     from ..errors import NotFound
 
     client = make_client(args)
     try:
+        if args.detach:
+            return _exec_detached(client, argv, env, args, limits)
         if args.tty:
             from ..terminal import run_pty_session
 
@@ -169,6 +179,39 @@ def _exec_pipes(
         stream.cancel()  # the agent kills the remote process group
         raise CliError("interrupted; remote process stopped", 130) from None
     return code
+
+
+def _exec_detached(
+    client: Any,
+    argv: list[str],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    limits: dict[str, float] | None,
+) -> int:
+    from ..models import Started
+    from ..terminal import terminal_size
+
+    rows, cols = terminal_size() if args.tty else (0, 0)
+    stream = client.exec(
+        argv,
+        env=env,
+        cwd=args.cwd,
+        timeout=args.timeout,
+        limits=limits,
+        pty=args.tty,
+        rows=rows,
+        cols=cols,
+        term=os.environ.get("TERM", "") if args.tty else "",
+        detach=True,
+    )
+    events = iter(stream)
+    try:
+        first = next(events)
+    finally:
+        stream.cancel()  # leaves the run going: it is detached
+    assert isinstance(first, Started)
+    print(first.run_id)
+    return 0
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

@@ -67,6 +67,7 @@ class AskRequest(_message.Message):
     ENV_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_LIMIT_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    DETACH_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     cwd: _builtins.str
     """Working directory; empty = the first workspace root."""
@@ -89,6 +90,11 @@ class AskRequest(_message.Message):
     """Wall-clock limit in milliseconds; 0 = none."""
     tool_result_limit: _builtins.int
     """Cap on ToolResultEvent.content in bytes; 0 = the agent's default (64 KiB)."""
+    detach: _builtins.bool
+    """Keep the run going when the stream ends (capability "runs"): its events go
+    to the run's journal (see Process.List) and the stream starts with a
+    RunEvent naming the run; Claude.Attach follows it again.
+    """
     @_builtins.property
     def allowed_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -125,14 +131,68 @@ class AskRequest(_message.Message):
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         tool_result_limit: _builtins.int = ...,
         limits: _process_pb2.ResourceLimits | None = ...,
+        detach: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "limits", b"limits", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "detach", b"detach", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "limits", b"limits", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AskRequest: _TypeAlias = AskRequest  # noqa: Y015
+
+@_typing.final
+class ClaudeAttachRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FROM_OFFSET_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id (or a prefix matching one run)."""
+    from_offset: _builtins.int
+    """Replay from this event offset (0: from the start), or with `tail` only
+    what comes from now on.
+    """
+    tail: _builtins.bool
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        from_offset: _builtins.int = ...,
+        tail: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_offset", b"from_offset", "run_id", b"run_id", "tail", b"tail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaudeAttachRequest: _TypeAlias = ClaudeAttachRequest  # noqa: Y015
+
+@_typing.final
+class RunEvent(_message.Message):
+    """The first event of a detached Ask and of Claude.Attach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    pid: _builtins.int
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        pid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunEvent: _TypeAlias = RunEvent  # noqa: Y015
 
 @_typing.final
 class ClaudeVersionRequest(_message.Message):
@@ -591,6 +651,11 @@ class AskEvent(_message.Message):
     RAW_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Detached runs: the event's offset in the run's journal (resume from offset + 1)."""
     @_builtins.property
     def init(self) -> Global___InitEvent: ...
     @_builtins.property
@@ -607,6 +672,10 @@ class AskEvent(_message.Message):
     def log(self) -> Global___LogEvent: ...
     @_builtins.property
     def error(self) -> Global___ErrorEvent: ...
+    @_builtins.property
+    def run(self) -> Global___RunEvent: ...
+    @_builtins.property
+    def gap(self) -> _process_pb2.JournalGap: ...
     def __init__(
         self,
         *,
@@ -618,12 +687,15 @@ class AskEvent(_message.Message):
         raw: Global___RawEvent | None = ...,
         log: Global___LogEvent | None = ...,
         error: Global___ErrorEvent | None = ...,
+        run: Global___RunEvent | None = ...,
+        gap: _process_pb2.JournalGap | None = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant_text", b"assistant_text", "error", b"error", "event", b"event", "init", b"init", "log", b"log", "raw", b"raw", "result", b"result", "tool_result", b"tool_result", "tool_use", b"tool_use"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant_text", b"assistant_text", "error", b"error", "event", b"event", "gap", b"gap", "init", b"init", "log", b"log", "raw", b"raw", "result", b"result", "run", b"run", "tool_result", b"tool_result", "tool_use", b"tool_use"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_text", b"assistant_text", "error", b"error", "event", b"event", "init", b"init", "log", b"log", "raw", b"raw", "result", b"result", "tool_result", b"tool_result", "tool_use", b"tool_use"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant_text", b"assistant_text", "error", b"error", "event", b"event", "gap", b"gap", "init", b"init", "log", b"log", "offset", b"offset", "raw", b"raw", "result", b"result", "run", b"run", "tool_result", b"tool_result", "tool_use", b"tool_use"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["init", "assistant_text", "tool_use", "tool_result", "result", "raw", "log", "error"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["init", "assistant_text", "tool_use", "tool_result", "result", "raw", "log", "error", "run", "gap"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -44,6 +44,11 @@ class ClaudeStub:
                 request_serializer=cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeVersionRequest.SerializeToString,
                 response_deserializer=cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeVersionResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/cowork.agent.v1.Claude/Attach',
+                request_serializer=cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeAttachRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_claude__pb2.AskEvent.FromString,
+                _registered_method=True)
 
 
 class ClaudeServicer:
@@ -70,6 +75,16 @@ class ClaudeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Attach replays a detached Claude run's events from an offset, then live
+        ones, to its result or error (the same typed events as Ask; the result's
+        session_id allows --resume). A `gap` event first when the journal's head
+        was cut. Errors as Process.Attach.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClaudeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +97,11 @@ def add_ClaudeServicer_to_server(servicer, server):
                     servicer.Version,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeVersionRequest.FromString,
                     response_serializer=cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeVersionResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeAttachRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_claude__pb2.AskEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +158,33 @@ class Claude:
             '/cowork.agent.v1.Claude/Version',
             cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeVersionRequest.SerializeToString,
             cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cowork.agent.v1.Claude/Attach',
+            cowork_dot_agent_dot_v1_dot_claude__pb2.ClaudeAttachRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_claude__pb2.AskEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,12 @@ class ClaudeStub:
     """
     Version: _grpc.UnaryUnaryMultiCallable[_claude_pb2.ClaudeVersionRequest, _claude_pb2.ClaudeVersionResponse]
     """Version reports whether the CLI is installed and its version."""
+    Attach: _grpc.UnaryStreamMultiCallable[_claude_pb2.ClaudeAttachRequest, _claude_pb2.AskEvent]
+    """Attach replays a detached Claude run's events from an offset, then live
+    ones, to its result or error (the same typed events as Ask; the result's
+    session_id allows --resume). A `gap` event first when the journal's head
+    was cut. Errors as Process.Attach.
+    """
 
 @_typing.type_check_only
 class ClaudeAsyncStub(ClaudeStub):
@@ -65,6 +71,12 @@ class ClaudeAsyncStub(ClaudeStub):
     """
     Version: _aio.UnaryUnaryMultiCallable[_claude_pb2.ClaudeVersionRequest, _claude_pb2.ClaudeVersionResponse]  # type: ignore[assignment]
     """Version reports whether the CLI is installed and its version."""
+    Attach: _aio.UnaryStreamMultiCallable[_claude_pb2.ClaudeAttachRequest, _claude_pb2.AskEvent]  # type: ignore[assignment]
+    """Attach replays a detached Claude run's events from an offset, then live
+    ones, to its result or error (the same typed events as Ask; the result's
+    session_id allows --resume). A `gap` event first when the journal's head
+    was cut. Errors as Process.Attach.
+    """
 
 class ClaudeServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +102,17 @@ class ClaudeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_claude_pb2.ClaudeVersionResponse, _abc.Awaitable[_claude_pb2.ClaudeVersionResponse]]:
         """Version reports whether the CLI is installed and its version."""
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request: _claude_pb2.ClaudeAttachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_claude_pb2.AskEvent], _abc.AsyncIterator[_claude_pb2.AskEvent]]:
+        """Attach replays a detached Claude run's events from an offset, then live
+        ones, to its result or error (the same typed events as Ask; the result's
+        session_id allows --resume). A `gap` event first when the journal's head
+        was cut. Errors as Process.Attach.
+        """
 
 def add_ClaudeServicer_to_server(servicer: ClaudeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -67,6 +67,7 @@ class ProcessSpec(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     STDIN_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    DETACH_FIELD_NUMBER: _builtins.int
     shell: _builtins.str
     """A shell command line run as `/bin/sh -c <shell>`."""
     clear_env: _builtins.bool
@@ -88,6 +89,10 @@ class ProcessSpec(_message.Message):
     stdin: _builtins.bool
     """Keep stdin open for ExecRequest.stdin chunks. When false the process
     reads /dev/null.
+    """
+    detach: _builtins.bool
+    """Exec only (capability "runs"): keep the run going when the stream ends;
+    its output goes to the journal (see Attach). INVALID_ARGUMENT for Run.
     """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -122,10 +127,11 @@ class ProcessSpec(_message.Message):
         timeout_ms: _builtins.int = ...,
         stdin: _builtins.bool = ...,
         limits: Global___ResourceLimits | None = ...,
+        detach: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "detach", b"detach", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -241,19 +247,48 @@ class Started(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
+    run_id: _builtins.str
+    """The run's id (agents with capability "runs")."""
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Started: _TypeAlias = Started  # noqa: Y015
+
+@_typing.final
+class JournalGap(_message.Message):
+    """The journal no longer holds what was asked for: its head was cut at the cap."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_OFFSET_FIELD_NUMBER: _builtins.int
+    FIRST_OFFSET_FIELD_NUMBER: _builtins.int
+    from_offset: _builtins.int
+    """The offset asked for, and the first one the journal still holds."""
+    first_offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        from_offset: _builtins.int = ...,
+        first_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_offset", b"first_offset", "from_offset", b"from_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournalGap: _TypeAlias = JournalGap  # noqa: Y015
 
 @_typing.final
 class Exit(_message.Message):
@@ -303,15 +338,25 @@ class ExecResponse(_message.Message):
     STDOUT_FIELD_NUMBER: _builtins.int
     STDERR_FIELD_NUMBER: _builtins.int
     EXIT_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     stdout: _builtins.bytes
     """Output chunks, at most 64 KiB each, in the order the process wrote them
     per stream. With a PTY all output arrives as stdout.
     """
     stderr: _builtins.bytes
+    offset: _builtins.int
+    """For stdout/stderr of a detached run: the journal offset of the chunk's
+    first byte (the next offset to ask for is offset + its length).
+    """
     @_builtins.property
     def started(self) -> Global___Started: ...
     @_builtins.property
     def exit(self) -> Global___Exit: ...
+    @_builtins.property
+    def gap(self) -> Global___JournalGap:
+        """Attach, replaying: the first part asked for is gone (sent before any output)."""
+
     def __init__(
         self,
         *,
@@ -319,12 +364,14 @@ class ExecResponse(_message.Message):
         stdout: _builtins.bytes = ...,
         stderr: _builtins.bytes = ...,
         exit: Global___Exit | None = ...,
+        gap: Global___JournalGap | None = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "msg", b"msg", "started", b"started", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "gap", b"gap", "msg", b"msg", "started", b"started", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "msg", b"msg", "started", b"started", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit", "gap", b"gap", "msg", b"msg", "offset", b"offset", "started", b"started", "stderr", b"stderr", "stdout", b"stdout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["started", "stdout", "stderr", "exit"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["started", "stdout", "stderr", "exit", "gap"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
@@ -398,3 +445,248 @@ class RunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunResponse: _TypeAlias = RunResponse  # noqa: Y015
+
+@_typing.final
+class ListRunsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunsRequest: _TypeAlias = ListRunsRequest  # noqa: Y015
+
+@_typing.final
+class RunInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    EXIT_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    JOURNAL_START_FIELD_NUMBER: _builtins.int
+    JOURNAL_END_FIELD_NUMBER: _builtins.int
+    JOURNAL_BYTES_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PTY_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: _builtins.str
+    """"exec" | "claude" """
+    state: _builtins.str
+    """"running" | "exited" | "lost" """
+    detached: _builtins.bool
+    prompt: _builtins.str
+    """claude (cut to 1 KiB)"""
+    box: _builtins.str
+    """the named box, "" for a run of its own"""
+    started_at: _builtins.float
+    """unix seconds"""
+    ended_at: _builtins.float
+    """0 while running"""
+    pid: _builtins.int
+    journal_start: _builtins.int
+    """The journal: first offset it still holds, the next offset, bytes on disk."""
+    journal_end: _builtins.int
+    journal_bytes: _builtins.int
+    reason: _builtins.str
+    """How it ended when the exit does not say it: "lost: agent restarted",
+    "killed", ...
+    """
+    session_id: _builtins.str
+    """Claude runs: the session id (for --resume) once the CLI has reported it."""
+    pty: _builtins.bool
+    cwd: _builtins.str
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """exec (each argument cut to 1 KiB)"""
+
+    @_builtins.property
+    def exit(self) -> Global___Exit:
+        """Set once the run has ended (for a Claude run: the CLI's exit status)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        detached: _builtins.bool = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        prompt: _builtins.str = ...,
+        box: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        ended_at: _builtins.float = ...,
+        exit: Global___Exit | None = ...,
+        pid: _builtins.int = ...,
+        journal_start: _builtins.int = ...,
+        journal_end: _builtins.int = ...,
+        journal_bytes: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        pty: _builtins.bool = ...,
+        cwd: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exit", b"exit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "box", b"box", "cwd", b"cwd", "detached", b"detached", "ended_at", b"ended_at", "exit", b"exit", "id", b"id", "journal_bytes", b"journal_bytes", "journal_end", b"journal_end", "journal_start", b"journal_start", "kind", b"kind", "pid", b"pid", "prompt", b"prompt", "pty", b"pty", "reason", b"reason", "session_id", b"session_id", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunInfo: _TypeAlias = RunInfo  # noqa: Y015
+
+@_typing.final
+class ListRunsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunInfo]: ...
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[Global___RunInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunsResponse: _TypeAlias = ListRunsResponse  # noqa: Y015
+
+@_typing.final
+class AttachStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FROM_OFFSET_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run's id, or a prefix that matches one run."""
+    from_offset: _builtins.int
+    """Replay from this offset (0: from the start) ..."""
+    tail: _builtins.bool
+    """... or, when set, only what comes from now on."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        from_offset: _builtins.int = ...,
+        tail: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_offset", b"from_offset", "run_id", b"run_id", "tail", b"tail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachStart: _TypeAlias = AttachStart  # noqa: Y015
+
+@_typing.final
+class AttachRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACH_FIELD_NUMBER: _builtins.int
+    STDIN_FIELD_NUMBER: _builtins.int
+    CLOSE_STDIN_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    RESIZE_FIELD_NUMBER: _builtins.int
+    stdin: _builtins.bytes
+    close_stdin: _builtins.bool
+    signal: _builtins.int
+    @_builtins.property
+    def attach(self) -> Global___AttachStart: ...
+    @_builtins.property
+    def resize(self) -> Global___TerminalSize: ...
+    def __init__(
+        self,
+        *,
+        attach: Global___AttachStart | None = ...,
+        stdin: _builtins.bytes = ...,
+        close_stdin: _builtins.bool = ...,
+        signal: _builtins.int = ...,
+        resize: Global___TerminalSize | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "close_stdin", b"close_stdin", "msg", b"msg", "resize", b"resize", "signal", b"signal", "stdin", b"stdin"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "close_stdin", b"close_stdin", "msg", b"msg", "resize", b"resize", "signal", b"signal", "stdin", b"stdin"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["attach", "stdin", "close_stdin", "signal", "resize"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___AttachRequest: _TypeAlias = AttachRequest  # noqa: Y015
+
+@_typing.final
+class SignalRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    signal: _builtins.int
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        signal: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignalRunRequest: _TypeAlias = SignalRunRequest  # noqa: Y015
+
+@_typing.final
+class KillRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KillRunRequest: _TypeAlias = KillRunRequest  # noqa: Y015
+
+@_typing.final
+class WaitRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitRunRequest: _TypeAlias = WaitRunRequest  # noqa: Y015

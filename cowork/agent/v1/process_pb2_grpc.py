@@ -44,6 +44,31 @@ class ProcessStub:
                 request_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunRequest.SerializeToString,
                 response_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/cowork.agent.v1.Process/List',
+                request_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.Attach = channel.stream_stream(
+                '/cowork.agent.v1.Process/Attach',
+                request_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.AttachRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.ExecResponse.FromString,
+                _registered_method=True)
+        self.Signal = channel.unary_unary(
+                '/cowork.agent.v1.Process/Signal',
+                request_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.SignalRunRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.Kill = channel.unary_unary(
+                '/cowork.agent.v1.Process/Kill',
+                request_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.KillRunRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.Wait = channel.unary_unary(
+                '/cowork.agent.v1.Process/Wait',
+                request_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.WaitRunRequest.SerializeToString,
+                response_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.FromString,
+                _registered_method=True)
 
 
 class ProcessServicer:
@@ -70,6 +95,64 @@ class ProcessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Runs (capability "runs"). Every Exec and every Claude.Ask run has an id
+        (Started.run_id; RunEvent for Claude). A run started with `detach` keeps
+        going when its stream ends, for any reason, until it exits, is killed or
+        the agent stops; its output goes to a bounded journal in the guest,
+        addressed by offset (output bytes for an exec run, events for a Claude
+        run). The policy's `runs:` caps the journal of each run (its head is cut
+        beyond it) and of all runs together, and how many detached runs may run
+        at once (RESOURCE_EXHAUSTED at the start, nothing of other runs lost). A
+        finished run keeps its exit and journal for the policy's `runs.keep`.
+        A detached run the agent lost (agent stopped or restarted) is listed with
+        state "lost" and the reason; its journal stays readable.
+        Unknown id: NOT_FOUND; an id prefix that matches several: INVALID_ARGUMENT.
+
+        List: every run, running or kept (oldest first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request_iterator, context):
+        """Attach to a detached exec run: first message `attach`, then any of stdin /
+        close_stdin / signal / resize (as in Exec, but the end of the client's
+        stream does not close the run's stdin, here or in a detached Exec: EOF is
+        an explicit close_stdin). Server: `started`, a `gap` when the
+        journal no longer holds from_offset, the output from there (each chunk's
+        `offset` says where it starts), live output, then `exit` once the run has
+        ended. Leaving the stream leaves the run going. FAILED_PRECONDITION for a
+        run without a journal (not detached) or a Claude run (Claude.Attach);
+        OUT_OF_RANGE for an offset past the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Signal(self, request, context):
+        """Signal: deliver a signal to the run's process group (FAILED_PRECONDITION
+        once it has ended).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Kill(self, request, context):
+        """Kill: stop the run like an ended stream does (SIGTERM, SIGKILL after the
+        grace period, leftovers too) and return once it has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wait(self, request, context):
+        """Wait: return once the run has ended (at once for an ended one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProcessServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +165,31 @@ def add_ProcessServicer_to_server(servicer, server):
                     servicer.Run,
                     request_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunRequest.FromString,
                     response_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.ListRunsRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'Attach': grpc.stream_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.AttachRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.ExecResponse.SerializeToString,
+            ),
+            'Signal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Signal,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.SignalRunRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.SerializeToString,
+            ),
+            'Kill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Kill,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.KillRunRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.SerializeToString,
+            ),
+            'Wait': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wait,
+                    request_deserializer=cowork_dot_agent_dot_v1_dot_process__pb2.WaitRunRequest.FromString,
+                    response_serializer=cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +246,141 @@ class Process:
             '/cowork.agent.v1.Process/Run',
             cowork_dot_agent_dot_v1_dot_process__pb2.RunRequest.SerializeToString,
             cowork_dot_agent_dot_v1_dot_process__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowork.agent.v1.Process/List',
+            cowork_dot_agent_dot_v1_dot_process__pb2.ListRunsRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_process__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cowork.agent.v1.Process/Attach',
+            cowork_dot_agent_dot_v1_dot_process__pb2.AttachRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_process__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Signal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowork.agent.v1.Process/Signal',
+            cowork_dot_agent_dot_v1_dot_process__pb2.SignalRunRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Kill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowork.agent.v1.Process/Kill',
+            cowork_dot_agent_dot_v1_dot_process__pb2.KillRunRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wait(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cowork.agent.v1.Process/Wait',
+            cowork_dot_agent_dot_v1_dot_process__pb2.WaitRunRequest.SerializeToString,
+            cowork_dot_agent_dot_v1_dot_process__pb2.RunInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,43 @@ class ProcessStub:
     a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
     over the maximum.
     """
+    List: _grpc.UnaryUnaryMultiCallable[_process_pb2.ListRunsRequest, _process_pb2.ListRunsResponse]
+    """Runs (capability "runs"). Every Exec and every Claude.Ask run has an id
+    (Started.run_id; RunEvent for Claude). A run started with `detach` keeps
+    going when its stream ends, for any reason, until it exits, is killed or
+    the agent stops; its output goes to a bounded journal in the guest,
+    addressed by offset (output bytes for an exec run, events for a Claude
+    run). The policy's `runs:` caps the journal of each run (its head is cut
+    beyond it) and of all runs together, and how many detached runs may run
+    at once (RESOURCE_EXHAUSTED at the start, nothing of other runs lost). A
+    finished run keeps its exit and journal for the policy's `runs.keep`.
+    A detached run the agent lost (agent stopped or restarted) is listed with
+    state "lost" and the reason; its journal stays readable.
+    Unknown id: NOT_FOUND; an id prefix that matches several: INVALID_ARGUMENT.
+
+    List: every run, running or kept (oldest first).
+    """
+    Attach: _grpc.StreamStreamMultiCallable[_process_pb2.AttachRequest, _process_pb2.ExecResponse]
+    """Attach to a detached exec run: first message `attach`, then any of stdin /
+    close_stdin / signal / resize (as in Exec, but the end of the client's
+    stream does not close the run's stdin, here or in a detached Exec: EOF is
+    an explicit close_stdin). Server: `started`, a `gap` when the
+    journal no longer holds from_offset, the output from there (each chunk's
+    `offset` says where it starts), live output, then `exit` once the run has
+    ended. Leaving the stream leaves the run going. FAILED_PRECONDITION for a
+    run without a journal (not detached) or a Claude run (Claude.Attach);
+    OUT_OF_RANGE for an offset past the end.
+    """
+    Signal: _grpc.UnaryUnaryMultiCallable[_process_pb2.SignalRunRequest, _process_pb2.RunInfo]
+    """Signal: deliver a signal to the run's process group (FAILED_PRECONDITION
+    once it has ended).
+    """
+    Kill: _grpc.UnaryUnaryMultiCallable[_process_pb2.KillRunRequest, _process_pb2.RunInfo]
+    """Kill: stop the run like an ended stream does (SIGTERM, SIGKILL after the
+    grace period, leftovers too) and return once it has ended.
+    """
+    Wait: _grpc.UnaryUnaryMultiCallable[_process_pb2.WaitRunRequest, _process_pb2.RunInfo]
+    """Wait: return once the run has ended (at once for an ended one)."""
 
 @_typing.type_check_only
 class ProcessAsyncStub(ProcessStub):
@@ -72,6 +109,43 @@ class ProcessAsyncStub(ProcessStub):
     a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
     over the maximum.
     """
+    List: _aio.UnaryUnaryMultiCallable[_process_pb2.ListRunsRequest, _process_pb2.ListRunsResponse]  # type: ignore[assignment]
+    """Runs (capability "runs"). Every Exec and every Claude.Ask run has an id
+    (Started.run_id; RunEvent for Claude). A run started with `detach` keeps
+    going when its stream ends, for any reason, until it exits, is killed or
+    the agent stops; its output goes to a bounded journal in the guest,
+    addressed by offset (output bytes for an exec run, events for a Claude
+    run). The policy's `runs:` caps the journal of each run (its head is cut
+    beyond it) and of all runs together, and how many detached runs may run
+    at once (RESOURCE_EXHAUSTED at the start, nothing of other runs lost). A
+    finished run keeps its exit and journal for the policy's `runs.keep`.
+    A detached run the agent lost (agent stopped or restarted) is listed with
+    state "lost" and the reason; its journal stays readable.
+    Unknown id: NOT_FOUND; an id prefix that matches several: INVALID_ARGUMENT.
+
+    List: every run, running or kept (oldest first).
+    """
+    Attach: _aio.StreamStreamMultiCallable[_process_pb2.AttachRequest, _process_pb2.ExecResponse]  # type: ignore[assignment]
+    """Attach to a detached exec run: first message `attach`, then any of stdin /
+    close_stdin / signal / resize (as in Exec, but the end of the client's
+    stream does not close the run's stdin, here or in a detached Exec: EOF is
+    an explicit close_stdin). Server: `started`, a `gap` when the
+    journal no longer holds from_offset, the output from there (each chunk's
+    `offset` says where it starts), live output, then `exit` once the run has
+    ended. Leaving the stream leaves the run going. FAILED_PRECONDITION for a
+    run without a journal (not detached) or a Claude run (Claude.Attach);
+    OUT_OF_RANGE for an offset past the end.
+    """
+    Signal: _aio.UnaryUnaryMultiCallable[_process_pb2.SignalRunRequest, _process_pb2.RunInfo]  # type: ignore[assignment]
+    """Signal: deliver a signal to the run's process group (FAILED_PRECONDITION
+    once it has ended).
+    """
+    Kill: _aio.UnaryUnaryMultiCallable[_process_pb2.KillRunRequest, _process_pb2.RunInfo]  # type: ignore[assignment]
+    """Kill: stop the run like an ended stream does (SIGTERM, SIGKILL after the
+    grace period, leftovers too) and return once it has ended.
+    """
+    Wait: _aio.UnaryUnaryMultiCallable[_process_pb2.WaitRunRequest, _process_pb2.RunInfo]  # type: ignore[assignment]
+    """Wait: return once the run has ended (at once for an ended one)."""
 
 class ProcessServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -98,5 +172,72 @@ class ProcessServicer(metaclass=_abc_1.ABCMeta):
         a cap. Same errors as Exec, and INVALID_ARGUMENT for an output_limit
         over the maximum.
         """
+
+    @_abc_1.abstractmethod
+    def List(
+        self,
+        request: _process_pb2.ListRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_pb2.ListRunsResponse, _abc.Awaitable[_process_pb2.ListRunsResponse]]:
+        """Runs (capability "runs"). Every Exec and every Claude.Ask run has an id
+        (Started.run_id; RunEvent for Claude). A run started with `detach` keeps
+        going when its stream ends, for any reason, until it exits, is killed or
+        the agent stops; its output goes to a bounded journal in the guest,
+        addressed by offset (output bytes for an exec run, events for a Claude
+        run). The policy's `runs:` caps the journal of each run (its head is cut
+        beyond it) and of all runs together, and how many detached runs may run
+        at once (RESOURCE_EXHAUSTED at the start, nothing of other runs lost). A
+        finished run keeps its exit and journal for the policy's `runs.keep`.
+        A detached run the agent lost (agent stopped or restarted) is listed with
+        state "lost" and the reason; its journal stays readable.
+        Unknown id: NOT_FOUND; an id prefix that matches several: INVALID_ARGUMENT.
+
+        List: every run, running or kept (oldest first).
+        """
+
+    @_abc_1.abstractmethod
+    def Attach(
+        self,
+        request_iterator: _MaybeAsyncIterator[_process_pb2.AttachRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_process_pb2.ExecResponse], _abc.AsyncIterator[_process_pb2.ExecResponse]]:
+        """Attach to a detached exec run: first message `attach`, then any of stdin /
+        close_stdin / signal / resize (as in Exec, but the end of the client's
+        stream does not close the run's stdin, here or in a detached Exec: EOF is
+        an explicit close_stdin). Server: `started`, a `gap` when the
+        journal no longer holds from_offset, the output from there (each chunk's
+        `offset` says where it starts), live output, then `exit` once the run has
+        ended. Leaving the stream leaves the run going. FAILED_PRECONDITION for a
+        run without a journal (not detached) or a Claude run (Claude.Attach);
+        OUT_OF_RANGE for an offset past the end.
+        """
+
+    @_abc_1.abstractmethod
+    def Signal(
+        self,
+        request: _process_pb2.SignalRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_pb2.RunInfo, _abc.Awaitable[_process_pb2.RunInfo]]:
+        """Signal: deliver a signal to the run's process group (FAILED_PRECONDITION
+        once it has ended).
+        """
+
+    @_abc_1.abstractmethod
+    def Kill(
+        self,
+        request: _process_pb2.KillRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_pb2.RunInfo, _abc.Awaitable[_process_pb2.RunInfo]]:
+        """Kill: stop the run like an ended stream does (SIGTERM, SIGKILL after the
+        grace period, leftovers too) and return once it has ended.
+        """
+
+    @_abc_1.abstractmethod
+    def Wait(
+        self,
+        request: _process_pb2.WaitRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_process_pb2.RunInfo, _abc.Awaitable[_process_pb2.RunInfo]]:
+        """Wait: return once the run has ended (at once for an ended one)."""
 
 def add_ProcessServicer_to_server(servicer: ProcessServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
