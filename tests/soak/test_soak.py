@@ -41,6 +41,7 @@ import pytest
 from host_client import CoworkClient
 from host_client.claude import ClaudeInit
 from host_client.errors import CoworkError
+from host_client.models import Output
 from tests.claude.conftest import (
     FAKE_KEY,
     ClaudeAgent,
@@ -146,6 +147,7 @@ class Workload:
             self.policy,
             self.exec_stdin,
             self.run,
+            self.detached,
         ]
         self.schedule = cheap * 6 + [self.killed_client, self.claude]
 
@@ -205,6 +207,21 @@ class Workload:
         with pytest.raises(CoworkError):
             self.c.run(["true"], cwd="/no/such/dir")
         return 3
+
+    def detached(self, i: int) -> int:
+        # A detached run followed a while, left, waited for and replayed whole; a second
+        # one killed by id: neither holds anything of the agent once ended.
+        stream = self.c.exec(["sh", "-c", f"echo a{i}; echo b{i} >&2"], detach=True, cwd=self.rel)
+        for _ev in stream:
+            break  # leaving a detached run's stream leaves it going
+        self.c.process.wait(stream.run_id)
+        out = [e for e in self.c.process.attach(stream.run_id) if isinstance(e, Output)]
+        assert b"".join(e.data for e in out) in (f"a{i}\nb{i}\n".encode(), f"b{i}\na{i}\n".encode())
+        sleeper = self.c.exec(["sleep", "30"], detach=True, env={"COWORK_SOAK": "1"})
+        for _ev in sleeper:
+            break
+        self.c.process.kill(sleeper.run_id)
+        return 6
 
     def killed_client(self, i: int) -> int:
         proc = subprocess.Popen(
