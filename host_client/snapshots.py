@@ -393,7 +393,6 @@ def clone(
             f"workspace {ws} is (inside) the workspace of {base!r}: "
             "a clone needs its own (--workspace DIR)"
         )
-    _put_back_dist(base)  # from a clone that was interrupted
     made_ws = not ws.exists()
     token = lima.generate_token()
     token_entry = (
@@ -407,13 +406,20 @@ def clone(
     created = False
     try:
         ws.mkdir(parents=True, exist_ok=True)
-        _say(progress, f"cloning {base!r} into {new!r} (limactl clone)")
-        created = True
-        with _dist_aside(base) as wheels:
-            lima.run_limactl(["clone", base, new, *(f"--set={e}" for e in exprs)], timeout=3600)
-            new_inst = lima.require_instance(new)
-            for wheel in wheels:
-                lima.install_wheel(new, wheel)
+        # One copy at a time per LIMA_HOME: clones of one base share its wheel dir's
+        # place aside, and a name taken meanwhile must not be mistaken for ours.
+        with _clone_lock():
+            _put_back_dist(base)  # from a clone that was interrupted
+            if lima.get_instance(new) is not None:
+                raise LimaError(f"a Lima VM named {new!r} already exists: pick another name")
+            _say(progress, f"cloning {base!r} into {new!r} (limactl clone)")
+            created = True
+            with _dist_aside(base) as wheels:
+                args = ["clone", base, new, *(f"--set={e}" for e in exprs)]
+                lima.run_limactl(args, timeout=3600)
+                new_inst = lima.require_instance(new)
+                for wheel in wheels:
+                    lima.install_wheel(new, wheel)
         lima.write_token(lima_token(new), token)
         for snap in _lima_snapshots(new_inst):  # the base's, copied along with its disk
             lima.run_limactl(["snapshot", "delete", new, f"--tag={snap.name}"], timeout=600)
@@ -426,6 +432,18 @@ def clone(
                 ws.rmdir()
         raise
     return lima.require_instance(new)
+
+
+@contextlib.contextmanager
+def _clone_lock() -> Iterator[None]:
+    path = defaults.lima_home() / "_cowork" / "clone.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _aside(base: str) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,3 +313,25 @@ def test_snapshots_need_a_lima_target(tmp_path: Path) -> None:
             client.save_snapshot("x")
     finally:
         client.close()
+
+
+def test_two_clones_of_one_base_at_the_same_time_both_succeed(
+    lima_env: LimaEnv, vm: lima.Instance
+) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "host_client.cli", "clone", NAME, name, "--no-start"],
+            env=lima_env.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("task1", "task2")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for name in ("task1", "task2"):
+        assert [w.name for w in lima.dist_dir(name).glob("*.whl")], name
+        assert snapshots.origin(name) == NAME
+    assert [w.name for w in lima.dist_dir(NAME).glob("*.whl")]  # the base keeps its wheel
