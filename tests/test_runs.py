@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -398,3 +399,54 @@ def test_cli_kill_with_an_unknown_signal_is_a_usage_error(agent: AgentProc) -> N
     r = ctl(agent, "kill", "-s", "NOPE", "abc")
     assert r.returncode == 2
     assert one_line_error(r) == "coworkctl: unknown signal: NOPE\n"
+
+
+def _read_until(fd: int, want: bytes) -> bytes:
+    """Read the terminal's output until `want` shows up (or it closes)."""
+    got = b""
+    while want not in got:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_ctrl_backslash_detaches_an_attached_pty_and_the_run_goes_on(agent: AgentProc) -> None:
+    import pty
+
+    run_id = ctl(agent, "exec", "-t", "-d", "--", "sh").stdout.decode().strip()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: coworkctl attach on the terminal
+        os.chdir(REPO)
+        base = [sys.executable, "-m", "host_client.cli", "--target", agent.target]
+        os.execv(
+            sys.executable,
+            [*base, "--token-file", str(agent.token_file), "attach", run_id],
+        )
+    try:
+        # Typed before coworkctl set the terminal raw, a line is flushed: type until the
+        # shell answers.
+        seen = b""
+        for _ in range(200):
+            os.write(fd, b"echo marker-$((6*7))\r")
+            ready, _, _ = select.select([fd], [], [], 0.25)
+            while ready:
+                seen += os.read(fd, 4096)
+                ready, _, _ = select.select([fd], [], [], 0.25)
+            if b"marker-42" in seen:
+                break
+        assert b"marker-42" in seen
+        os.write(fd, b"\x1c")
+        tail = _read_until(fd, b"goes on")
+        assert f"detached from run {run_id}".encode() in tail
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+    with agent.client() as c:
+        assert {r.id: r for r in c.process.runs()}[run_id].state == "running"
+        c.process.kill(run_id)
