@@ -34,6 +34,9 @@ CAPABILITIES = [
     "reflection",
     "policy",
     "logs",
+    # ProcessSpec.claude_relay: an Exec'd process (the interactive CLI) gets the Claude
+    # credential through the API relay, never in its environment (exec_relay.py).
+    "process.claude_relay",
 ]
 
 

@@ -46,6 +46,10 @@ from cowork.defaults import (
     RUN_OUTPUT_LIMIT,
 )
 
+from . import exec_relay
+from .api_relay import ApiRelay
+from .credentials import CredentialStore
+from .egress import OFFLINE, EgressLog
 from .errors import AgentError, from_oserror, invalid, not_found, precondition
 from .paths import PathPolicy
 from .policy import MAX_CPUS, MAX_MEMORY_BYTES, MAX_PIDS, Limits, RunLimits
@@ -364,11 +368,16 @@ def limits_of(msg: pb.ResourceLimits) -> Limits | None:
 
 
 def spawn(
-    spec: pb.ProcessSpec, paths: PathPolicy, keep_stdin: bool, sandbox: Sandbox | None = None
+    spec: pb.ProcessSpec,
+    paths: PathPolicy,
+    keep_stdin: bool,
+    sandbox: Sandbox | None = None,
+    relay: exec_relay.RelayGrant | None = None,
 ) -> Spawned:
     """Start the process described by `spec` in a new session; raise AgentError if it cannot.
 
     With a `sandbox`, the caller must `await sp.activate(sandbox, grace)` before anything else.
+    With `relay` (spec.claude_relay), the process gets the Claude API through the relay.
     """
     argv = _argv(spec)
     check_timeout(spec.timeout_ms)
@@ -376,6 +385,10 @@ def spawn(
         _check_size(spec.rows, spec.cols)
     cwd = _resolve_cwd(spec, paths)
     env = _environment(spec)
+    if relay is not None:
+        relay.apply(env)
+    elif spec.HasField("claude_relay"):
+        exec_relay.strip(env)  # neither given nor held: no credential at all
     exe = argv[0]
     if sandbox is not None:
         # Looked up as the run sees it: its PATH, its user, inside the box when there is
@@ -391,11 +404,20 @@ def spawn(
         exe = found
     launch: Launch | None = None
     if sandbox is not None:
-        launch = sandbox.launch([exe, *argv[1:]], env, cwd, spec.pty, limits_of(spec.limits))
+        launch = sandbox.launch(
+            [exe, *argv[1:]],
+            env,
+            cwd,
+            spec.pty,
+            limits_of(spec.limits),
+            mode=relay.mode if relay is not None else None,
+        )
         if launch.argv[1:] == argv[1:] and launch.argv[0] == exe:
             launch = None  # nothing wraps it: the direct path below keeps argv[0]
         else:
             env = launch.env
+            if relay is not None:
+                launch.relay = relay.handler
     # Inherited by everything the process starts: how the reaper finds what
     # left the process group (see reaper.py).
     run = REAPER.new_run()
@@ -635,10 +657,15 @@ class ProcessService(pb_grpc.ProcessServicer):
         kill_grace: float = KILL_GRACE_SECONDS,
         sandbox: Sandbox | None = None,
         runs: Runs | None = None,
+        relay: ApiRelay | None = None,
+        credentials: CredentialStore | None = None,
     ) -> None:
         self.paths = paths
         self.kill_grace = kill_grace
         self.sandbox = sandbox
+        # spec.claude_relay: the Claude credential through the API relay (exec_relay.py).
+        self.relay = relay or ApiRelay(lambda: OFFLINE, EgressLog())
+        self.credentials = credentials or CredentialStore()
         self.runs = runs if runs is not None else Runs(None, RunLimits)
 
     async def Exec(
@@ -789,14 +816,33 @@ class ProcessService(pb_grpc.ProcessServicer):
         rec: RunRecord,
     ) -> AsyncGenerator[pb.ExecResponse, None]:
         """One exec run: `started`, output, `exit`; the process dies with the generator."""
+        grant: exec_relay.RelayGrant | None = None
         try:
-            sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox)
+            if spec.HasField("claude_relay"):
+                grant = await exec_relay.grant(
+                    spec.claude_relay, spec.env, self.credentials, self.relay, self.sandbox
+                )
+                if grant is None:
+                    audit(claude_relay="none")
+                else:
+                    cred = grant.route.credential
+                    # The header and where it comes from, never the credential.
+                    audit(
+                        claude_relay=cred.header,
+                        credential_source=cred.source,
+                        api=cred.upstream.url,
+                    )
+            sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox, relay=grant)
         except BaseException:
+            if grant is not None:
+                grant.close()
             self.runs.discard(rec)
             raise
         try:
             await sp.activate(self.sandbox, self.kill_grace)
         except BaseException:
+            if grant is not None:
+                grant.close()
             self.runs.discard(rec)
             raise
         rec.pid = sp.pid
@@ -919,6 +965,8 @@ class ProcessService(pb_grpc.ProcessServicer):
             # (a closed fd number can be reused at once by another RPC).
             await asyncio.gather(*tasks, return_exceptions=True)
             sp.close_fds()
+            if grant is not None:
+                grant.close()
             if not spec.detach:
                 self.runs.finish(rec, exit_msg, "" if exit_msg else "stream ended")
 
@@ -982,6 +1030,8 @@ class ProcessService(pb_grpc.ProcessServicer):
         spec.pty = False
         if spec.detach:
             raise invalid("Run cannot detach (it returns the output): use Exec with detach")
+        if spec.HasField("claude_relay"):
+            raise invalid("claude_relay is for Exec only (the interactive CLI): not for Run")
         if request.output_limit > RUN_OUTPUT_LIMIT:
             raise invalid(
                 f"output_limit must be at most {RUN_OUTPUT_LIMIT} bytes (both streams come back "

@@ -180,7 +180,15 @@ class AgentServer:
         )
         caps.append("runs")
         process_pb2_grpc.add_ProcessServicer_to_server(
-            ProcessService(self.paths, cfg.kill_grace, self.sandbox, self.runs), self.server
+            ProcessService(
+                self.paths,
+                cfg.kill_grace,
+                self.sandbox,
+                self.runs,
+                relay=self.relay,
+                credentials=self.credentials,
+            ),
+            self.server,
         )
         files = FilesService(
             self.paths, owner=self.identity.user if self.identity.mode == "user" else None

@@ -25,6 +25,7 @@ from .api.claude import AskStream
 from .api.connection import CancelScope, Connection
 from .api.files import Progress
 from .api.process import ExecStream
+from .claude_relay import ClaudeRelay
 from .client import CoworkClient
 from .models import ExecEvent, ExecutionResult, Exited, FileInfo, RunInfo, TransferResult
 
@@ -244,6 +245,7 @@ class AsyncProcess:
         term: str = "",
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
+        claude_relay: ClaudeRelay | None = None,
     ) -> AsyncExecStream:
         """Start a process and stream its events (`async for`); nothing is sent until then.
 
@@ -262,6 +264,7 @@ class AsyncProcess:
             term=term,
             limits=limits,
             detach=detach,
+            claude_relay=claude_relay,
         )
         return AsyncExecStream(stream, self._worker)
 
@@ -623,6 +626,7 @@ class AsyncCoworkClient:
         term: str = "",
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
+        claude_relay: ClaudeRelay | None = None,
     ) -> AsyncExecStream:
         """Shorthand for `process.exec`: start a process and stream its events."""
         return self.process.exec(
@@ -638,6 +642,7 @@ class AsyncCoworkClient:
             term=term,
             limits=limits,
             detach=detach,
+            claude_relay=claude_relay,
         )
 
     async def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:

@@ -37,6 +37,7 @@ from .api.connection import Connection
 from .api.files import Files, Progress
 from .api.policy import Policy
 from .api.process import ExecStream, Process
+from .claude_relay import ClaudeRelay
 from .errors import AgentUnavailable, CoworkError
 from .models import ExecutionResult, FileInfo, TransferResult
 from .protodict import to_dict
@@ -284,6 +285,7 @@ class CoworkClient:
         term: str = "",
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
+        claude_relay: ClaudeRelay | None = None,
     ) -> ExecStream:
         """Shorthand for `process.exec`: start a process and stream its events."""
         return self.process.exec(
@@ -299,6 +301,7 @@ class CoworkClient:
             term=term,
             limits=limits,
             detach=detach,
+            claude_relay=claude_relay,
         )
 
     def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:

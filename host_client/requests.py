@@ -38,6 +38,7 @@ def process_spec(
     clear_env: bool = False,
     limits: Mapping[str, float] | None = None,
     detach: bool = False,
+    claude_relay: process_pb2.ClaudeRelay | None = None,
 ) -> process_pb2.ProcessSpec:
     """A str is a shell command line (`sh -c`); a sequence is an argv (no shell)."""
     spec = process_pb2.ProcessSpec(
@@ -59,6 +60,8 @@ def process_spec(
         spec.env.update(env)
     if limits:
         spec.limits.CopyFrom(resource_limits(limits))
+    if claude_relay is not None:
+        spec.claude_relay.CopyFrom(claude_relay)
     return spec
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .models import Exited, Output
 
 if TYPE_CHECKING:
+    from .claude_relay import ClaudeRelay
     from .client import CoworkClient, ExecStream
 
 
@@ -66,10 +67,12 @@ def run_pty_session(
     cwd: str | None = None,
     timeout: float | None = None,
     limits: Mapping[str, float] | None = None,
+    claude_relay: ClaudeRelay | None = None,
 ) -> int:
     """Run `argv` on a remote PTY wired to this terminal; return the shell-style exit code.
 
-    `limits` are the run's cgroup limits (memory_bytes, pids, cpus), as for `exec`.
+    `limits` are the run's cgroup limits (memory_bytes, pids, cpus), as for `exec`;
+    `claude_relay` gives it the Claude API through the agent's relay (as for `exec`).
     """
     rows, cols = terminal_size()
     term_env = dict(env or {})
@@ -85,6 +88,7 @@ def run_pty_session(
         cwd=cwd,
         timeout=timeout,
         limits=limits,
+        claude_relay=claude_relay,
     )
     stdin_fd = sys.stdin.fileno()
     out = sys.stdout.buffer

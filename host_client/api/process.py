@@ -11,12 +11,14 @@ import grpc
 from cowork.agent.v1 import process_pb2, process_pb2_grpc
 
 from .. import requests as rq
+from ..claude_relay import ClaudeRelay
 from ..models import ExecEvent, ExecutionResult, Exited, Output, RunInfo, Started
 from .connection import Connection
 
 _END = object()
 LIMITS_FEATURE = "resource limits: memory, pids, cpus"
 RUNS_FEATURE = "runs with ids: detach, attach, list, kill"
+CLAUDE_RELAY_FEATURE = "the Claude credential through the agent's API relay, not in the env"
 
 
 class Process:
@@ -79,6 +81,7 @@ class Process:
         term: str = "",
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
+        claude_relay: ClaudeRelay | None = None,
     ) -> ExecStream:
         """Start a process and stream its events (Started, Output..., Exited).
 
@@ -90,11 +93,18 @@ class Process:
         `detach=True` (capability "runs"): the run goes on when the stream ends
         (leave it after `Started`, whose `run_id` names the run); its output is
         journaled and `attach(run_id)` follows it again.
+
+        `claude_relay` (capability "process.claude_relay"; e.g. the interactive Claude
+        CLI): the process reaches the Claude API through the agent's relay with a
+        placeholder credential; the real one (`ClaudeRelay.from_env()`, or the one held
+        with `auth set`) never enters its environment.
         """
         if limits:
             self._conn.require("process.limits", LIMITS_FEATURE)
         if detach:
             self._conn.require("runs", RUNS_FEATURE)
+        if claude_relay is not None:
+            self._conn.require("process.claude_relay", CLAUDE_RELAY_FEATURE)
         spec = rq.process_spec(
             command,
             env=env,
@@ -107,6 +117,7 @@ class Process:
             stdin=interactive or stdin is not None or pty,
             limits=limits,
             detach=detach,
+            claude_relay=claude_relay.to_proto() if claude_relay is not None else None,
         )
         return ExecStream(self._conn, self._stub(), spec, stdin, interactive)
 

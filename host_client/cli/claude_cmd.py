@@ -41,6 +41,11 @@ Run the interactive Claude Code TUI inside the sandbox, over a PTY (raw mode,
 window resizes follow), like `ssh -t vm claude` without SSH. Arguments are
 passed to `claude` unchanged (put them after --).
 
+Auth: ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN (and ANTHROPIC_BASE_URL) from
+this environment, else the credential held with `coworkctl auth set`. The agent
+keeps it: the TUI gets a placeholder and the agent's API relay, so nothing the
+session runs (`!env`, a Bash tool) can read the key.
+
 examples:
   coworkctl claude
   coworkctl claude -- --resume SESSION_ID
@@ -418,7 +423,7 @@ def interactive_argv(version: dict[str, Any], args: list[str]) -> list[str]:
 
 
 def cmd_claude(args: argparse.Namespace) -> int:
-    from ..claude import auth_env
+    from ..claude_relay import ClaudeRelay
     from ..terminal import run_pty_session
 
     if not os.isatty(sys.stdin.fileno()):
@@ -431,7 +436,9 @@ def cmd_claude(args: argparse.Namespace) -> int:
         version = client.claude_version()
         if not version.get("installed"):
             fail(f"Claude Code is not usable in the sandbox: {version.get('error') or 'not found'}")
-        env = auth_env()
+        # The credential goes in its own field: the agent keeps it and gives the TUI a
+        # placeholder on its API relay, so nothing the session runs can read the key.
+        env: dict[str, str] = {}
         bypass = (
             "--dangerously-skip-permissions" in extra
             or "--permission-mode=bypassPermissions" in extra
@@ -439,6 +446,12 @@ def cmd_claude(args: argparse.Namespace) -> int:
         )
         if bypass and version.get("run_as_user") == "root":
             env["IS_SANDBOX"] = "1"
-        return run_pty_session(client, interactive_argv(version, extra), env=env, cwd=args.cwd)
+        return run_pty_session(
+            client,
+            interactive_argv(version, extra),
+            env=env,
+            cwd=args.cwd,
+            claude_relay=ClaudeRelay.from_env(),
+        )
     finally:
         client.close()

@@ -367,3 +367,82 @@ def test_without_a_box_the_cli_env_has_a_placeholder_and_a_loopback_relay(
     assert "ANTHROPIC_BASE_URL=http://127.0.0.1:" in shown[0]
     assert "cowork-placeholder" in shown[0] and API_KEY not in everything(events)
     assert ("x-api-key", API_KEY) in api.credentials
+
+
+# -- the interactive CLI (`coworkctl claude`: Process.Exec on a PTY, claude_relay) ---------
+def _coworkctl_claude(agent: ClaudeAgent, env: dict[str, str], *cli_args: str) -> tuple[int, str]:
+    import os
+    import sys
+
+    from tests.claude.test_claude import run_on_pty
+
+    host_env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "COWORK_"))}
+    host_env.update(env, TERM="xterm")
+    cmd = [sys.executable, "-m", "host_client.cli", "--target", agent.target]
+    cmd += ["--token-file", str(agent.token_file), "claude", "--cwd", str(agent.workdir("tui"))]
+    return run_on_pty([*cmd, "--", *cli_args], host_env, timeout=120)
+
+
+def test_coworkctl_claude_on_a_pty_gives_the_cli_the_relay_and_the_model_the_key(
+    boxed: ClaudeAgent, stubs: Stubs, tls_api: FakeAnthropic
+) -> None:
+    tls_api.script(ToolUse("Bash", {"command": look_everywhere(API_KEY)}), Text("looked"))
+    env = {"ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": base_url(tls_api)}
+    code, out = _coworkctl_claude(boxed, env, "-p", "look", "--permission-mode=bypassPermissions")
+    assert code == 0 and "looked" in out, out
+    assert tls_api.credentials and set(tls_api.credentials) == {("x-api-key", API_KEY)}
+    conv = tls_api.conversation_requests()
+    assert len(conv) == 2, conv
+    shown = conv[1].text_of_messages()  # the Bash tool's output, sent back to the model
+    assert "===END" in shown and "secret=0" in shown, shown
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:3129" in shown
+    assert API_KEY not in out
+
+
+def test_coworkctl_claude_uses_the_held_credential_when_the_host_has_none(
+    boxed: ClaudeAgent, stubs: Stubs, tls_api: FakeAnthropic
+) -> None:
+    stubs.auth.Set(
+        auth_pb2.SetCredentialRequest(
+            kind=auth_pb2.CREDENTIAL_KIND_OAUTH_TOKEN,
+            secret=OAUTH_TOKEN,
+            base_url=base_url(tls_api),
+        ),
+        metadata=stubs.md,
+    )
+    tls_api.script(Text("held one"))
+    code, out = _coworkctl_claude(boxed, {}, "-p", "hi")
+    assert code == 0 and "held one" in out, out
+    assert set(tls_api.credentials) == {("authorization", f"Bearer {OAUTH_TOKEN}")}
+
+
+def test_exec_with_claude_relay_refuses_a_credential_in_env_in_one_line(
+    boxed: ClaudeAgent, stubs: Stubs
+) -> None:
+    from cowork.agent.v1 import process_pb2, process_pb2_grpc
+
+    spec = process_pb2.ProcessSpec(argv=["true"], env={"ANTHROPIC_API_KEY": API_KEY})
+    spec.claude_relay.CopyFrom(
+        process_pb2.ClaudeRelay(kind=auth_pb2.CREDENTIAL_KIND_API_KEY, secret=API_KEY)
+    )
+    stub = process_pb2_grpc.ProcessStub(stubs.channel)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Exec(iter([process_pb2.ExecRequest(start=spec)]), metadata=stubs.md, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    detail = err.value.details() or ""
+    assert "ANTHROPIC_API_KEY" in detail and "\n" not in detail
+    assert API_KEY not in detail and API_KEY not in boxed.log_text()
+
+
+def test_the_tui_sessions_audit_line_names_the_header_never_the_key(
+    boxed: ClaudeAgent, stubs: Stubs, tls_api: FakeAnthropic
+) -> None:
+    tls_api.script(Text("audited"))
+    env = {"ANTHROPIC_API_KEY": API_KEY, "ANTHROPIC_BASE_URL": base_url(tls_api)}
+    code, out = _coworkctl_claude(boxed, env, "-p", "hi")
+    assert code == 0 and "audited" in out, out
+    audit = stubs.logs(policy_pb2.LOG_KIND_AUDIT)
+    execs = [json.loads(x) for x in audit if "Process/Exec" in x and "claude_relay" in x]
+    assert execs and execs[-1]["claude_relay"] == "x-api-key", execs
+    text = boxed.log_text() + "\n".join(audit + stubs.logs(policy_pb2.LOG_KIND_EGRESS))
+    assert API_KEY not in text

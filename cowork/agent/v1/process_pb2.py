@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cowork.agent.v1 import auth_pb2 as cowork_dot_agent_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63owork/agent/v1/process.proto\x12\x0f\x63owork.agent.v1\"\xc5\x02\n\x0bProcessSpec\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\r\n\x05shell\x18\x02 \x01(\t\x12\x32\n\x03\x65nv\x18\x03 \x03(\x0b\x32%.cowork.agent.v1.ProcessSpec.EnvEntry\x12\x11\n\tclear_env\x18\x04 \x01(\x08\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x0b\n\x03pty\x18\x06 \x01(\x08\x12\x0c\n\x04rows\x18\x07 \x01(\r\x12\x0c\n\x04\x63ols\x18\x08 \x01(\r\x12\x0c\n\x04term\x18\t \x01(\t\x12\x12\n\ntimeout_ms\x18\n \x01(\x04\x12\r\n\x05stdin\x18\x0b \x01(\x08\x12/\n\x06limits\x18\x0c \x01(\x0b\x32\x1f.cowork.agent.v1.ResourceLimits\x12\x0e\n\x06\x64\x65tach\x18\r \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0eResourceLimits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04pids\x18\x02 \x01(\r\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x01\"*\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\"\xae\x01\n\x0b\x45xecRequest\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.ProcessSpecH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x03 \x01(\x08H\x00\x12\x10\n\x06signal\x18\x04 \x01(\x05H\x00\x12/\n\x06resize\x18\x05 \x01(\x0b\x32\x1d.cowork.agent.v1.TerminalSizeH\x00\x42\x05\n\x03msg\"&\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"7\n\nJournalGap\x12\x13\n\x0b\x66rom_offset\x18\x01 \x01(\x04\x12\x14\n\x0c\x66irst_offset\x18\x02 \x01(\x04\"`\n\x04\x45xit\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x12\n\noom_killed\x18\x05 \x01(\x08\"\xc9\x01\n\x0c\x45xecResponse\x12+\n\x07started\x18\x01 \x01(\x0b\x32\x18.cowork.agent.v1.StartedH\x00\x12\x10\n\x06stdout\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x03 \x01(\x0cH\x00\x12%\n\x04\x65xit\x18\x04 \x01(\x0b\x32\x15.cowork.agent.v1.ExitH\x00\x12*\n\x03gap\x18\x05 \x01(\x0b\x32\x1b.cowork.agent.v1.JournalGapH\x00\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x42\x05\n\x03msg\"]\n\nRunRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.ProcessSpec\x12\r\n\x05stdin\x18\x02 \x01(\x0c\x12\x14\n\x0coutput_limit\x18\x03 \x01(\x04\"\x93\x01\n\x0bRunResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x18\n\x10stdout_truncated\x18\x03 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x04 \x01(\x08\x12#\n\x04\x65xit\x18\x05 \x01(\x0b\x32\x15.cowork.agent.v1.Exit\x12\x0b\n\x03pid\x18\x06 \x01(\x05\"\x11\n\x0fListRunsRequest\"\xc8\x02\n\x07RunInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65tached\x18\x04 \x01(\x08\x12\x0c\n\x04\x61rgv\x18\x05 \x03(\t\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x0b\n\x03\x62ox\x18\x07 \x01(\t\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\t \x01(\x01\x12#\n\x04\x65xit\x18\n \x01(\x0b\x32\x15.cowork.agent.v1.Exit\x12\x0b\n\x03pid\x18\x0b \x01(\x05\x12\x15\n\rjournal_start\x18\x0c \x01(\x04\x12\x13\n\x0bjournal_end\x18\r \x01(\x04\x12\x15\n\rjournal_bytes\x18\x0e \x01(\x04\x12\x0e\n\x06reason\x18\x0f \x01(\t\x12\x12\n\nsession_id\x18\x10 \x01(\t\x12\x0b\n\x03pty\x18\x11 \x01(\x08\x12\x0b\n\x03\x63wd\x18\x12 \x01(\t\":\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.cowork.agent.v1.RunInfo\"@\n\x0b\x41ttachStart\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_offset\x18\x02 \x01(\x04\x12\x0c\n\x04tail\x18\x03 \x01(\x08\"\xb1\x01\n\rAttachRequest\x12.\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.AttachStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x03 \x01(\x08H\x00\x12\x10\n\x06signal\x18\x04 \x01(\x05H\x00\x12/\n\x06resize\x18\x05 \x01(\x0b\x32\x1d.cowork.agent.v1.TerminalSizeH\x00\x42\x05\n\x03msg\"2\n\x10SignalRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\" \n\x0eKillRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0eWaitRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t2\xfb\x03\n\x07Process\x12G\n\x04\x45xec\x12\x1c.cowork.agent.v1.ExecRequest\x1a\x1d.cowork.agent.v1.ExecResponse(\x01\x30\x01\x12@\n\x03Run\x12\x1b.cowork.agent.v1.RunRequest\x1a\x1c.cowork.agent.v1.RunResponse\x12K\n\x04List\x12 .cowork.agent.v1.ListRunsRequest\x1a!.cowork.agent.v1.ListRunsResponse\x12K\n\x06\x41ttach\x12\x1e.cowork.agent.v1.AttachRequest\x1a\x1d.cowork.agent.v1.ExecResponse(\x01\x30\x01\x12\x45\n\x06Signal\x12!.cowork.agent.v1.SignalRunRequest\x1a\x18.cowork.agent.v1.RunInfo\x12\x41\n\x04Kill\x12\x1f.cowork.agent.v1.KillRunRequest\x1a\x18.cowork.agent.v1.RunInfo\x12\x41\n\x04Wait\x12\x1f.cowork.agent.v1.WaitRunRequest\x1a\x18.cowork.agent.v1.RunInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63owork/agent/v1/process.proto\x12\x0f\x63owork.agent.v1\x1a\x1a\x63owork/agent/v1/auth.proto\"\xf9\x02\n\x0bProcessSpec\x12\x0c\n\x04\x61rgv\x18\x01 \x03(\t\x12\r\n\x05shell\x18\x02 \x01(\t\x12\x32\n\x03\x65nv\x18\x03 \x03(\x0b\x32%.cowork.agent.v1.ProcessSpec.EnvEntry\x12\x11\n\tclear_env\x18\x04 \x01(\x08\x12\x0b\n\x03\x63wd\x18\x05 \x01(\t\x12\x0b\n\x03pty\x18\x06 \x01(\x08\x12\x0c\n\x04rows\x18\x07 \x01(\r\x12\x0c\n\x04\x63ols\x18\x08 \x01(\r\x12\x0c\n\x04term\x18\t \x01(\t\x12\x12\n\ntimeout_ms\x18\n \x01(\x04\x12\r\n\x05stdin\x18\x0b \x01(\x08\x12/\n\x06limits\x18\x0c \x01(\x0b\x32\x1f.cowork.agent.v1.ResourceLimits\x12\x0e\n\x06\x64\x65tach\x18\r \x01(\x08\x12\x32\n\x0c\x63laude_relay\x18\x0e \x01(\x0b\x32\x1c.cowork.agent.v1.ClaudeRelay\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x0b\x43laudeRelay\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.cowork.agent.v1.CredentialKind\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\"B\n\x0eResourceLimits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x0c\n\x04pids\x18\x02 \x01(\r\x12\x0c\n\x04\x63pus\x18\x03 \x01(\x01\"*\n\x0cTerminalSize\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0c\n\x04\x63ols\x18\x02 \x01(\r\"\xae\x01\n\x0b\x45xecRequest\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.ProcessSpecH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x03 \x01(\x08H\x00\x12\x10\n\x06signal\x18\x04 \x01(\x05H\x00\x12/\n\x06resize\x18\x05 \x01(\x0b\x32\x1d.cowork.agent.v1.TerminalSizeH\x00\x42\x05\n\x03msg\"&\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"7\n\nJournalGap\x12\x13\n\x0b\x66rom_offset\x18\x01 \x01(\x04\x12\x14\n\x0c\x66irst_offset\x18\x02 \x01(\x04\"`\n\x04\x45xit\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x11\n\ttimed_out\x18\x03 \x01(\x08\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x12\n\noom_killed\x18\x05 \x01(\x08\"\xc9\x01\n\x0c\x45xecResponse\x12+\n\x07started\x18\x01 \x01(\x0b\x32\x18.cowork.agent.v1.StartedH\x00\x12\x10\n\x06stdout\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x03 \x01(\x0cH\x00\x12%\n\x04\x65xit\x18\x04 \x01(\x0b\x32\x15.cowork.agent.v1.ExitH\x00\x12*\n\x03gap\x18\x05 \x01(\x0b\x32\x1b.cowork.agent.v1.JournalGapH\x00\x12\x0e\n\x06offset\x18\x06 \x01(\x04\x42\x05\n\x03msg\"]\n\nRunRequest\x12*\n\x04spec\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.ProcessSpec\x12\r\n\x05stdin\x18\x02 \x01(\x0c\x12\x14\n\x0coutput_limit\x18\x03 \x01(\x04\"\x93\x01\n\x0bRunResponse\x12\x0e\n\x06stdout\x18\x01 \x01(\x0c\x12\x0e\n\x06stderr\x18\x02 \x01(\x0c\x12\x18\n\x10stdout_truncated\x18\x03 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x04 \x01(\x08\x12#\n\x04\x65xit\x18\x05 \x01(\x0b\x32\x15.cowork.agent.v1.Exit\x12\x0b\n\x03pid\x18\x06 \x01(\x05\"\x11\n\x0fListRunsRequest\"\xc8\x02\n\x07RunInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65tached\x18\x04 \x01(\x08\x12\x0c\n\x04\x61rgv\x18\x05 \x03(\t\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x0b\n\x03\x62ox\x18\x07 \x01(\t\x12\x12\n\nstarted_at\x18\x08 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\t \x01(\x01\x12#\n\x04\x65xit\x18\n \x01(\x0b\x32\x15.cowork.agent.v1.Exit\x12\x0b\n\x03pid\x18\x0b \x01(\x05\x12\x15\n\rjournal_start\x18\x0c \x01(\x04\x12\x13\n\x0bjournal_end\x18\r \x01(\x04\x12\x15\n\rjournal_bytes\x18\x0e \x01(\x04\x12\x0e\n\x06reason\x18\x0f \x01(\t\x12\x12\n\nsession_id\x18\x10 \x01(\t\x12\x0b\n\x03pty\x18\x11 \x01(\x08\x12\x0b\n\x03\x63wd\x18\x12 \x01(\t\":\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.cowork.agent.v1.RunInfo\"@\n\x0b\x41ttachStart\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rom_offset\x18\x02 \x01(\x04\x12\x0c\n\x04tail\x18\x03 \x01(\x08\"\xb1\x01\n\rAttachRequest\x12.\n\x06\x61ttach\x18\x01 \x01(\x0b\x32\x1c.cowork.agent.v1.AttachStartH\x00\x12\x0f\n\x05stdin\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x63lose_stdin\x18\x03 \x01(\x08H\x00\x12\x10\n\x06signal\x18\x04 \x01(\x05H\x00\x12/\n\x06resize\x18\x05 \x01(\x0b\x32\x1d.cowork.agent.v1.TerminalSizeH\x00\x42\x05\n\x03msg\"2\n\x10SignalRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\" \n\x0eKillRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\" \n\x0eWaitRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t2\xfb\x03\n\x07Process\x12G\n\x04\x45xec\x12\x1c.cowork.agent.v1.ExecRequest\x1a\x1d.cowork.agent.v1.ExecResponse(\x01\x30\x01\x12@\n\x03Run\x12\x1b.cowork.agent.v1.RunRequest\x1a\x1c.cowork.agent.v1.RunResponse\x12K\n\x04List\x12 .cowork.agent.v1.ListRunsRequest\x1a!.cowork.agent.v1.ListRunsResponse\x12K\n\x06\x41ttach\x12\x1e.cowork.agent.v1.AttachRequest\x1a\x1d.cowork.agent.v1.ExecResponse(\x01\x30\x01\x12\x45\n\x06Signal\x12!.cowork.agent.v1.SignalRunRequest\x1a\x18.cowork.agent.v1.RunInfo\x12\x41\n\x04Kill\x12\x1f.cowork.agent.v1.KillRunRequest\x1a\x18.cowork.agent.v1.RunInfo\x12\x41\n\x04Wait\x12\x1f.cowork.agent.v1.WaitRunRequest\x1a\x18.cowork.agent.v1.RunInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,44 +34,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROCESSSPEC_ENVENTRY']._loaded_options = None
   _globals['_PROCESSSPEC_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_PROCESSSPEC']._serialized_start=51
-  _globals['_PROCESSSPEC']._serialized_end=376
-  _globals['_PROCESSSPEC_ENVENTRY']._serialized_start=334
-  _globals['_PROCESSSPEC_ENVENTRY']._serialized_end=376
-  _globals['_RESOURCELIMITS']._serialized_start=378
-  _globals['_RESOURCELIMITS']._serialized_end=444
-  _globals['_TERMINALSIZE']._serialized_start=446
-  _globals['_TERMINALSIZE']._serialized_end=488
-  _globals['_EXECREQUEST']._serialized_start=491
-  _globals['_EXECREQUEST']._serialized_end=665
-  _globals['_STARTED']._serialized_start=667
-  _globals['_STARTED']._serialized_end=705
-  _globals['_JOURNALGAP']._serialized_start=707
-  _globals['_JOURNALGAP']._serialized_end=762
-  _globals['_EXIT']._serialized_start=764
-  _globals['_EXIT']._serialized_end=860
-  _globals['_EXECRESPONSE']._serialized_start=863
-  _globals['_EXECRESPONSE']._serialized_end=1064
-  _globals['_RUNREQUEST']._serialized_start=1066
-  _globals['_RUNREQUEST']._serialized_end=1159
-  _globals['_RUNRESPONSE']._serialized_start=1162
-  _globals['_RUNRESPONSE']._serialized_end=1309
-  _globals['_LISTRUNSREQUEST']._serialized_start=1311
-  _globals['_LISTRUNSREQUEST']._serialized_end=1328
-  _globals['_RUNINFO']._serialized_start=1331
-  _globals['_RUNINFO']._serialized_end=1659
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1661
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1719
-  _globals['_ATTACHSTART']._serialized_start=1721
-  _globals['_ATTACHSTART']._serialized_end=1785
-  _globals['_ATTACHREQUEST']._serialized_start=1788
-  _globals['_ATTACHREQUEST']._serialized_end=1965
-  _globals['_SIGNALRUNREQUEST']._serialized_start=1967
-  _globals['_SIGNALRUNREQUEST']._serialized_end=2017
-  _globals['_KILLRUNREQUEST']._serialized_start=2019
-  _globals['_KILLRUNREQUEST']._serialized_end=2051
-  _globals['_WAITRUNREQUEST']._serialized_start=2053
-  _globals['_WAITRUNREQUEST']._serialized_end=2085
-  _globals['_PROCESS']._serialized_start=2088
-  _globals['_PROCESS']._serialized_end=2595
+  _globals['_PROCESSSPEC']._serialized_start=79
+  _globals['_PROCESSSPEC']._serialized_end=456
+  _globals['_PROCESSSPEC_ENVENTRY']._serialized_start=414
+  _globals['_PROCESSSPEC_ENVENTRY']._serialized_end=456
+  _globals['_CLAUDERELAY']._serialized_start=458
+  _globals['_CLAUDERELAY']._serialized_end=552
+  _globals['_RESOURCELIMITS']._serialized_start=554
+  _globals['_RESOURCELIMITS']._serialized_end=620
+  _globals['_TERMINALSIZE']._serialized_start=622
+  _globals['_TERMINALSIZE']._serialized_end=664
+  _globals['_EXECREQUEST']._serialized_start=667
+  _globals['_EXECREQUEST']._serialized_end=841
+  _globals['_STARTED']._serialized_start=843
+  _globals['_STARTED']._serialized_end=881
+  _globals['_JOURNALGAP']._serialized_start=883
+  _globals['_JOURNALGAP']._serialized_end=938
+  _globals['_EXIT']._serialized_start=940
+  _globals['_EXIT']._serialized_end=1036
+  _globals['_EXECRESPONSE']._serialized_start=1039
+  _globals['_EXECRESPONSE']._serialized_end=1240
+  _globals['_RUNREQUEST']._serialized_start=1242
+  _globals['_RUNREQUEST']._serialized_end=1335
+  _globals['_RUNRESPONSE']._serialized_start=1338
+  _globals['_RUNRESPONSE']._serialized_end=1485
+  _globals['_LISTRUNSREQUEST']._serialized_start=1487
+  _globals['_LISTRUNSREQUEST']._serialized_end=1504
+  _globals['_RUNINFO']._serialized_start=1507
+  _globals['_RUNINFO']._serialized_end=1835
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1837
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1895
+  _globals['_ATTACHSTART']._serialized_start=1897
+  _globals['_ATTACHSTART']._serialized_end=1961
+  _globals['_ATTACHREQUEST']._serialized_start=1964
+  _globals['_ATTACHREQUEST']._serialized_end=2141
+  _globals['_SIGNALRUNREQUEST']._serialized_start=2143
+  _globals['_SIGNALRUNREQUEST']._serialized_end=2193
+  _globals['_KILLRUNREQUEST']._serialized_start=2195
+  _globals['_KILLRUNREQUEST']._serialized_end=2227
+  _globals['_WAITRUNREQUEST']._serialized_start=2229
+  _globals['_WAITRUNREQUEST']._serialized_end=2261
+  _globals['_PROCESS']._serialized_start=2264
+  _globals['_PROCESS']._serialized_end=2771
 # @@protoc_insertion_point(module_scope)

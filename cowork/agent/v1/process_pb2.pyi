@@ -15,6 +15,7 @@ longer read, so the stream ends anyway.
 """
 
 from collections import abc as _abc
+from cowork.agent.v1 import auth_pb2 as _auth_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -68,6 +69,7 @@ class ProcessSpec(_message.Message):
     STDIN_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     DETACH_FIELD_NUMBER: _builtins.int
+    CLAUDE_RELAY_FIELD_NUMBER: _builtins.int
     shell: _builtins.str
     """A shell command line run as `/bin/sh -c <shell>`."""
     clear_env: _builtins.bool
@@ -112,6 +114,17 @@ class ProcessSpec(_message.Message):
         `limits.max`; unset fields take the policy's `limits` defaults.
         """
 
+    @_builtins.property
+    def claude_relay(self) -> Global___ClaudeRelay:
+        """Give the process the Claude API the way Claude.Ask runs get it (capability
+        "process.claude_relay"; `coworkctl claude`): the credential stays in the
+        agent, the process gets a placeholder and ANTHROPIC_BASE_URL on the API
+        relay (see auth.proto). INVALID_ARGUMENT when env carries
+        ANTHROPIC_API_KEY, CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_AUTH_TOKEN or
+        ANTHROPIC_BASE_URL. Neither given nor held: the process gets no credential
+        at all (the CLI's own login in the box, if any).
+        """
+
     def __init__(
         self,
         *,
@@ -128,14 +141,51 @@ class ProcessSpec(_message.Message):
         stdin: _builtins.bool = ...,
         limits: Global___ResourceLimits | None = ...,
         detach: _builtins.bool = ...,
+        claude_relay: Global___ClaudeRelay | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claude_relay", b"claude_relay", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "detach", b"detach", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "claude_relay", b"claude_relay", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "detach", b"detach", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProcessSpec: _TypeAlias = ProcessSpec  # noqa: Y015
+
+@_typing.final
+class ClaudeRelay(_message.Message):
+    """The Claude credential of one Exec'd process (ProcessSpec.claude_relay). The
+    secret is used for this process's API calls only: never in its environment,
+    never logged, forgotten when the process ends.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    kind: _auth_pb2.CredentialKind.ValueType
+    """This process's credential; CREDENTIAL_KIND_UNSPECIFIED (and no secret) =
+    the one the agent holds (Auth.Set).
+    """
+    secret: _builtins.str
+    base_url: _builtins.str
+    """API base URL (https://, or http:// to a loopback address); empty = the
+    held credential's, else https://api.anthropic.com.
+    """
+    def __init__(
+        self,
+        *,
+        kind: _auth_pb2.CredentialKind.ValueType = ...,
+        secret: _builtins.str = ...,
+        base_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "kind", b"kind", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaudeRelay: _TypeAlias = ClaudeRelay  # noqa: Y015
 
 @_typing.final
 class ResourceLimits(_message.Message):
