@@ -48,6 +48,8 @@ import json
 import os
 import queue
 import socket
+import struct
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -228,6 +230,65 @@ def receive_to_fd(
 
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux
+
+
+# File systems where a file is read once, hashing the very bytes that are sent: on
+# FUSE (bindfs, virtiofs), 9p, NFS, SMB or Ceph, two readers of one file (splice or
+# sendfile, and a hashing thread) need not see the same bytes. Seen in the Lima tier: a
+# download of a file the box had just written through bindfs over 9p failed its
+# checksum, while the agent had hashed what its second reader saw.
+SHARED_FS_MAGIC = frozenset(
+    {
+        0x65735546,  # FUSE (bindfs: Lima's /workspace; virtiofs)
+        0x01021997,  # 9p (Lima's QEMU mounts)
+        0x6969,  # NFS
+        0xFF534D42,  # CIFS
+        0xFE534D42,  # SMB2
+        0x00C36400,  # Ceph
+    }
+)
+
+
+def on_shared_fs(fd: int) -> bool:
+    """True when fd's file lives on a file system in SHARED_FS_MAGIC (Linux; else False)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a long) comes first
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.fstatfs(fd, buf) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    (f_type,) = struct.unpack_from("l", buf.raw)
+    return (f_type & 0xFFFFFFFF) in SHARED_FS_MAGIC
+
+
+def send_read_hashed(
+    sock: socket.socket,
+    fd: int,
+    start: int,
+    end: int,
+    digest: Any,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Send [start, end) of fd by pread + sendall, hashing exactly what is sent (one
+    reader: for SHARED_FS_MAGIC file systems); returns the bytes sent."""
+    buf = bytearray(min(1 << 20, max(end - start, 1)))
+    view = memoryview(buf)
+    pos = start
+    while pos < end:
+        k = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+        if k == 0:
+            raise OSError(errno.EIO, f"{end - pos} bytes short: the file shrank while it was sent")
+        digest.update(view[:k])
+        sock.sendall(view[:k])
+        pos += k
+        if progress is not None:
+            progress(k)
+    return pos - start
 
 
 class FileSender:

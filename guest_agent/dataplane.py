@@ -54,10 +54,12 @@ from cowork.dataplane import (
     Cut,
     FileSender,
     WireError,
+    on_shared_fs,
     read_message,
     receive_to_fd,
     recv_exact,
     send_message,
+    send_read_hashed,
     tune,
 )
 
@@ -684,6 +686,14 @@ def _send_file(conn: socket.socket, fd: int, size: int) -> str:
     client's check fails (DATA_LOSS) rather than keeping a mix.
     """
     digest = hashlib.sha256()
+    if on_shared_fs(fd):  # one reader there: hash what goes out (cowork.dataplane)
+        timeout = conn.gettimeout()
+        conn.setblocking(True)
+        try:
+            send_read_hashed(conn, fd, 0, size, digest)
+        finally:
+            conn.settimeout(timeout)
+        return digest.hexdigest()
     error: list[BaseException] = []
 
     def hasher() -> None:

@@ -31,9 +31,11 @@ from cowork.dataplane import (
     WireError,
     data_socket_path,
     encode,
+    on_shared_fs,
     read_message,
     receive_to_fd,
     send_message,
+    send_read_hashed,
     tune,
 )
 
@@ -230,6 +232,10 @@ class DataPlane:
         cut_after: int | None = None,
     ) -> int:
         """sendfile [start, end) of fd while a thread hashes it into digest; returns bytes sent."""
+        if cut_after is None and on_shared_fs(fd):  # one reader there (cowork.dataplane)
+            sent = send_read_hashed(s, fd, start, end, digest, progress)
+            self.bytes_sent += sent
+            return sent
         error: list[BaseException] = []
 
         def hasher() -> None:

@@ -10,6 +10,10 @@ command -v stty >/dev/null 2>&1 || need+=(coreutils)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+# The data plane over a FUSE file system (what Lima's /workspace is in the guest):
+# tests/test_dataplane_shared_fs.py mounts a bindfs view like agent.sh does.
+command -v bindfs >/dev/null 2>&1 || need+=(bindfs)
+command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 # Probes inside the box run the system interpreter (a pyenv/venv under /root is hidden there).
 [ -x /usr/bin/python3 ] || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
