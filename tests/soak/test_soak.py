@@ -51,6 +51,7 @@ from tests.claude.conftest import (
     processes_with_env,
 )
 from tests.claude.fake_anthropic import FakeAnthropic, Hang, Text
+from tests.claude.tls_ca import TestCA, make_test_ca
 from tests.resources import Footprint, footprint, sockets_of, zombies
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(3600)]
@@ -88,18 +89,24 @@ def run_as() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def api() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic() as fake:
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    """The scripted model's CA: the agent's API relay sends the key over verified TLS only."""
+    return make_test_ca(tmp_path_factory.mktemp("ca"), [API_NAME], ["127.0.0.1"])
+
+
+@pytest.fixture(scope="module")
+def api(ca: TestCA) -> Iterator[FakeAnthropic]:
+    with FakeAnthropic(tls=ca.server_context()) as fake:
         yield fake
 
 
-def _start_agent(claude_bin: Path, user: str, mode: str, tmp: Path) -> ClaudeAgent:
-    args: list[str] = []
+def _start_agent(claude_bin: Path, user: str, mode: str, tmp: Path, ca: TestCA) -> ClaudeAgent:
+    args: list[str] = ["--api-ca-cert", str(ca.ca_cert)]
     if mode == "bwrap":
         assert shutil.which("bwrap"), "bubblewrap is missing: `make setup` installs it"
         policy = tmp / "policy.yaml"
         policy.write_text(f"sandbox: bwrap\nnetwork:\n  preset: offline\n  allow: [{API_NAME}]\n")
-        args = ["--policy", str(policy), "--egress-resolve", f"{API_NAME}=127.0.0.1"]
+        args += ["--policy", str(policy), "--egress-resolve", f"{API_NAME}=127.0.0.1"]
     agent = make_claude_agent(claude_bin, user, args)
     assert agent.proc is not None
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -122,7 +129,7 @@ class Workload:
         port = api.base_url.rsplit(":", 1)[1]
         host = API_NAME if mode == "bwrap" else "127.0.0.1"
         self.claude_env = {
-            "ANTHROPIC_BASE_URL": f"http://{host}:{port}",
+            "ANTHROPIC_BASE_URL": f"https://{host}:{port}",
             "ANTHROPIC_API_KEY": FAKE_KEY,
             "CLAUDE_CODE_MAX_RETRIES": "0",
             "COWORK_SOAK": "1",
@@ -324,9 +331,9 @@ def _report(mode: str, figures: dict[str, object]) -> None:
 
 @pytest.mark.parametrize("mode", ["none", "bwrap"])
 def test_agent_returns_to_its_baseline_after_thousands_of_mixed_calls(
-    mode: str, claude_bin: Path, run_as: str, api: FakeAnthropic, tmp_path: Path
+    mode: str, claude_bin: Path, run_as: str, api: FakeAnthropic, ca: TestCA, tmp_path: Path
 ) -> None:
-    agent = _start_agent(claude_bin, run_as, mode, tmp_path)
+    agent = _start_agent(claude_bin, run_as, mode, tmp_path, ca)
     assert agent.proc is not None
     pid = agent.proc.pid
     try:
