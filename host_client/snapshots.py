@@ -418,6 +418,7 @@ def clone(
                 args = ["clone", base, new, *(f"--set={e}" for e in exprs)]
                 lima.run_limactl(args, timeout=3600)
                 new_inst = lima.require_instance(new)
+                _fix_dir_modes(Path(new_inst.dir))
                 for wheel in wheels:
                     lima.install_wheel(new, wheel)
         lima.write_token(lima_token(new), token)
@@ -444,6 +445,17 @@ def _clone_lock() -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _fix_dir_modes(inst_dir: Path) -> None:
+    """Give the clone's subdirectories back the permissions Lima 2.2's clone dropped
+    (it makes them mode 0, see _dist_aside): its `sock/` must take the socket forwards,
+    or the clone boots and no client can reach its agent."""
+    for root, dirs, _files in os.walk(inst_dir):
+        for d in dirs:
+            path = os.path.join(root, d)
+            if os.stat(path, follow_symlinks=False).st_mode & 0o777 == 0:
+                os.chmod(path, 0o700)
 
 
 def _aside(base: str) -> Path:

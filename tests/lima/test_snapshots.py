@@ -335,3 +335,16 @@ def test_two_clones_of_one_base_at_the_same_time_both_succeed(
         assert [w.name for w in lima.dist_dir(name).glob("*.whl")], name
         assert snapshots.origin(name) == NAME
     assert [w.name for w in lima.dist_dir(NAME).glob("*.whl")]  # the base keeps its wheel
+
+
+def test_a_clone_s_subdirectories_keep_usable_permissions(vm: lima.Instance) -> None:
+    """Lima 2.2's clone makes subdirectories with mode 0; a booted VM has `sock/`, where
+    the clone's socket forwards must land (else its agent is unreachable)."""
+    sock = Path(vm.dir) / "sock"
+    sock.mkdir(mode=0o755)
+    st = Path(vm.dir).stat()
+    os.chown(sock, st.st_uid, st.st_gid)
+    snapshots.clone(NAME, "task1")
+    clone_sock = defaults.lima_home() / "task1" / "sock"
+    assert clone_sock.is_dir()
+    assert clone_sock.stat().st_mode & 0o700 == 0o700
