@@ -11,7 +11,7 @@ TOOLS := .tools
 PROTO_SRC := $(wildcard proto/cowork/agent/v1/*.proto)
 GEN_DIR := cowork/agent/v1
 
-.PHONY: setup dev tools proto proto-check proto-lock lint test test-local e2e lima-e2e lima-e2e-clones soak bench bench-quick bench-lima run clean
+.PHONY: setup dev tools proto proto-check proto-lock lint test test-local e2e lima-e2e soak bench bench-quick bench-lima run clean
 
 # The host side only: .venv with the project (coworkctl, CoworkClient, cowork-agent) and
 # its Python dependencies. No system packages, no sudo: the same on macOS and Linux.
@@ -71,11 +71,6 @@ e2e: dev tools
 # forward/snapshots/clones/delete through lima:NAME (~30 min on 2 cores under TCG;
 # tests/lima_e2e).
 lima-e2e: dev tools
-	$(BIN)/pytest -q -m lima_e2e tests/lima_e2e --deselect tests/lima_e2e/test_j_clones.py
-
-# The Lima tier with the clones (tests/lima_e2e/test_j_clones.py): not in `make test` until
-# a clean-clone run of it is green (its last one found two bugs, since fixed).
-lima-e2e-clones: dev tools
 	$(BIN)/pytest -q -m lima_e2e tests/lima_e2e
 
 # Endurance: 10,000 mixed calls per mode against an agent under the unit's fd
