@@ -55,6 +55,7 @@ from cowork import defaults
 from . import lima
 from .lima import LimaError, Progress
 from .targets import lima_token
+from .units import human_bytes
 
 METHODS = ("lima", "disk")
 ORIGIN_FILE = "cowork-origin"
@@ -322,7 +323,7 @@ def restore(name: str, tag: str, progress: Progress | None = None) -> Snapshot:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     if not can_clone_file(src, disk.parent):
-        require_space(src, disk.parent, replacing=disk)
+        require_space(src, disk.parent)
     try:
         _say(progress, f"restoring the disk of {name!r} from snapshot {tag!r}")
         copy_file(src, tmp)
@@ -501,7 +502,7 @@ def free_space(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def require_space(src: Path, dest_dir: Path, replacing: Path | None = None) -> None:
+def require_space(src: Path, dest_dir: Path) -> None:
     """LimaError (before anything changes) unless `dest_dir` can take a copy of `src`."""
     need = allocated(src)
     have = free_space(dest_dir)
@@ -509,17 +510,9 @@ def require_space(src: Path, dest_dir: Path, replacing: Path | None = None) -> N
     if have < need + _SPACE_MARGIN:
         raise LimaError(
             f"not enough disk space for a copy of {src.name} in {dest_dir}: it needs "
-            f"{_human(need + _SPACE_MARGIN)}, {_human(have)} is free; free some space "
+            f"{human_bytes(need + _SPACE_MARGIN)}, {human_bytes(have)} is free; free some space "
             "(coworkctl snapshot rm ...) and try again"
         )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def can_clone_file(src: Path, dest_dir: Path) -> bool:

@@ -11,8 +11,12 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from ..units import human_bytes
+
 if TYPE_CHECKING:
     from ..client import CoworkClient
+
+__all__ = ["human_bytes"]  # re-exported for the subcommands
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -39,11 +43,3 @@ def make_client(args: argparse.Namespace) -> CoworkClient:
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
