@@ -12,7 +12,7 @@ from pathlib import Path
 
 AGENT_VERSION = "0.1.0"
 # Bumped on every additive change to proto/ (see agent.proto).
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 # Auth: `authorization: Bearer <token>` on every RPC.
 AUTH_METADATA_KEY = "authorization"

@@ -19,6 +19,9 @@ the key, and the previous policy stays in force.
       journal_total: 256MiB # all journals together (a new run is refused beyond it)
       detached: 32          # detached runs going at once
       keep: 24h             # how long a finished run keeps its exit and journal
+    boxes:                  # named boxes (coworkctl box new)
+      max: 16               # boxes at once
+      idle: 12h             # a box with nothing going in it for this long is removed (0: never)
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ DEFAULT_JOURNAL = 64 * 1024**2
 DEFAULT_JOURNAL_TOTAL = 256 * 1024**2
 DEFAULT_DETACHED = 32
 DEFAULT_KEEP_SECONDS = 24 * 3600.0
+DEFAULT_MAX_BOXES = 16
+DEFAULT_BOX_IDLE_SECONDS = 12 * 3600.0
 # A journal smaller than this could not hold one output chunk.
 MIN_JOURNAL = 64 * 1024
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -90,6 +95,14 @@ class RunLimits:
 
 
 @dataclass(frozen=True)
+class BoxLimits:
+    """How many named boxes may exist, and how long one may idle before it is removed."""
+
+    max: int = DEFAULT_MAX_BOXES
+    idle: float = DEFAULT_BOX_IDLE_SECONDS
+
+
+@dataclass(frozen=True)
 class Policy:
     sandbox: str = "none"
     preset: str = "default"
@@ -98,6 +111,7 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     runs: RunLimits = field(default_factory=RunLimits)
+    boxes: BoxLimits = field(default_factory=BoxLimits)
 
     def egress(self) -> DomainPolicy:
         """The domain policy the egress proxy enforces."""
@@ -131,6 +145,8 @@ class Policy:
                 "detached": self.runs.detached,
                 "keep": format_duration(self.runs.keep_seconds),
             }
+        if self.boxes != BoxLimits():
+            out["boxes"] = {"max": self.boxes.max, "idle": format_duration(self.boxes.idle)}
         return out
 
     def to_yaml(self) -> str:
@@ -230,6 +246,15 @@ def _runs(obj: Any) -> RunLimits:
     return RunLimits(journal=journal, journal_total=total, detached=detached, keep_seconds=keep)
 
 
+def _boxes(obj: Any) -> BoxLimits:
+    d = _keys(obj, {"max", "idle"}, "boxes")
+    most = d.get("max", DEFAULT_MAX_BOXES)
+    if isinstance(most, bool) or not isinstance(most, int) or not 0 <= most <= 1024:
+        raise PolicyError(f"policy: boxes.max must be a whole number from 0 to 1024, not {most!r}")
+    idle = parse_duration(d.get("idle", DEFAULT_BOX_IDLE_SECONDS), "boxes.idle")
+    return BoxLimits(max=most, idle=idle)
+
+
 def _keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
     if obj is None:
         return {}
@@ -291,7 +316,7 @@ def parse(text: str) -> Policy:
         raise PolicyError(f"policy: not valid YAML{where}") from None
     except RecursionError:
         raise PolicyError("policy: the document is nested too deeply") from None
-    d = _keys(doc, {"sandbox", "network", "limits", "runs"}, "")
+    d = _keys(doc, {"sandbox", "network", "limits", "runs", "boxes"}, "")
     sandbox = d.get("sandbox", "none")
     if sandbox not in SANDBOX_MODES:
         raise PolicyError(
@@ -312,6 +337,7 @@ def parse(text: str) -> Policy:
         limits=limits,
         max_limits=ceiling,
         runs=_runs(d.get("runs")),
+        boxes=_boxes(d.get("boxes")),
     )
 
 

@@ -48,6 +48,7 @@ from cowork.defaults import (
 
 from . import exec_relay
 from .api_relay import ApiRelay
+from .boxes import EXIT_REPORT_SECONDS, Box, Boxes, Child, resolve_waiter
 from .credentials import CredentialStore
 from .egress import OFFLINE, EgressLog
 from .errors import AgentError, from_oserror, invalid, not_found, precondition
@@ -115,7 +116,7 @@ def _winsize(rows: int, cols: int) -> bytes:
 class Spawned:
     """A running child in its own process group, with our ends of its I/O."""
 
-    popen: subprocess.Popen[bytes]
+    popen: subprocess.Popen[bytes] | None
     pid: int
     stdin_fd: int | None
     out_fds: list[tuple[str, int]]
@@ -131,6 +132,8 @@ class Spawned:
     box: Boxed | None = None
     # The run's marker and registration with the reaper (leftovers, restart clean-up).
     run: Run | None = None
+    # OOM kills its cgroup had seen before it started (a named box's cgroup is shared).
+    oom_before: int = 0
 
     async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
         """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise.
@@ -222,6 +225,7 @@ class Spawned:
 
     def reap(self) -> int:
         if not self.reaped:
+            assert self.popen is not None
             self.returncode = self.popen.wait()
             self.reaped = True
             REAPER.untrack(self.pid)
@@ -261,6 +265,8 @@ class Spawned:
         cgroup: all get SIGTERM at once, and SIGKILL after `grace`.
         """
         cgroup = self.launch.cgroup if self.launch is not None else None
+        if cgroup is not None and self.launch is not None and not self.launch.owns_cgroup:
+            cgroup = None  # a named box's: the box's other runs are in it too
         if self.run is not None:
             await REAPER.terminate(self.run, grace, cgroup, group=self.signal_group)
             return
@@ -275,7 +281,7 @@ class Spawned:
     def oom_killed(self) -> bool:
         """The run's cgroup saw the OOM killer (call before close_fds)."""
         cg = self.launch.cgroup if self.launch is not None else None
-        return cg is not None and cg.oom_kills() > 0
+        return cg is not None and cg.oom_kills() > self.oom_before
 
     def close_fds(self) -> None:
         """Release everything the run holds: our pipe/PTY ends, the box, the run's cgroup."""
@@ -285,9 +291,9 @@ class Spawned:
             self.box.close()
         if self.launch is not None:
             self.launch.close_parent_fds()
-            if self.launch.cgroup is not None:
+            if self.launch.cgroup is not None and self.launch.owns_cgroup:
                 self.launch.cgroup.remove()
-                self.launch.cgroup = None
+            self.launch.cgroup = None
         for fd in [self.stdin_fd, self.pty_master, *[fd for _, fd in self.out_fds]]:
             if fd is None:
                 continue
@@ -309,6 +315,170 @@ class Spawned:
             duration_ms=(time.monotonic() - self.started) * 1000,
             oom_killed=self.oom_killed,
         )
+
+
+@dataclass
+class InBox(Spawned):
+    """A command the box's first process starts inside a named box (boxes.py).
+
+    The agent is not its parent: its exit comes as a report from the box (with the
+    pidfd as a backstop), and its group is signalled from inside the box. What it
+    leaves running once it has exited by itself belongs to the box; only when its
+    stream ends first (cancel, timeout, kill) is its group stopped.
+    """
+
+    home: Box | None = None
+    child: Child | None = None
+    request: tuple[str, list[str], dict[str, str], str] = ("", [], {}, "")
+    child_fds: list[int] = field(default_factory=list)
+    stopped: bool = False
+    _counted: bool = False
+
+    async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
+        assert self.home is not None
+        exe, argv, env, cwd = self.request
+        try:
+            self.child = await self.home.start_process(
+                exe, argv, env, cwd, self.pty_master is not None, self.child_fds
+            )
+        except BaseException:
+            self.reaped = True
+            self.close_fds()
+            raise
+        finally:
+            for fd in self.child_fds:
+                os.close(fd)
+            self.child_fds = []
+        self.pid = self.child.host_pid
+        self.home.active += 1
+        self.home.runs += 1
+        self.home.touch()
+        self._counted = True
+        audit(argv=argv, pid=self.pid, cwd=cwd, pty=self.pty_master is not None, box=self.home.name)
+
+    async def wait_exited(self) -> None:
+        if self.reaped or self.child is None:
+            return
+        if self._exit_future is None:
+            self._exit_future = asyncio.ensure_future(self._watch_exit(self.child))
+        await asyncio.shield(self._exit_future)
+
+    async def _watch_exit(self, child: Child) -> None:
+        """The box's report of the exit; if only the pidfd says so, a short wait for it."""
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(child.pidfd, resolve_waiter, gone)
+        waiters: list[asyncio.Future[Any]] = [child.report, gone]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if not child.report.done():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(child.report), EXIT_REPORT_SECONDS)
+        finally:
+            loop.remove_reader(child.pidfd)
+            gone.cancel()
+
+    def reap(self) -> int:
+        if not self.reaped:
+            report = self.child.report if self.child is not None else None
+            status = report.result() if report is not None and report.done() else -1
+            # -1: the box ended (or never said): the command went with it.
+            self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else -9
+            self.reaped = True
+        assert self.returncode is not None
+        return self.returncode
+
+    def signal_group(self, sig: int) -> bool:
+        if self.home is None or self.child is None:
+            return False
+        self.home.signal_group(self.child, sig)
+        return not self.child.report.done()
+
+    def _has_exited(self) -> bool:
+        done = self._exit_future
+        return self.child is None or self.child.report.done() or (done is not None and done.done())
+
+    async def teardown(self, grace: float) -> None:
+        if not self.reaped:
+            if not self._has_exited():
+                self.stopped = True
+                self.signal_group(signal.SIGTERM)
+                if not await self.exited_within(grace):
+                    self.signal_group(signal.SIGKILL)
+                    await self.wait_exited()
+            self.reap()
+        if self.stopped and self.home is not None and self.child is not None:
+            self.home.signal_group(self.child, signal.SIGKILL)  # what stayed in its group
+
+    async def clear_leftovers(self, grace: float) -> None:
+        """Nothing: what it left running belongs to the box (see teardown)."""
+
+    @property
+    def oom_killed(self) -> bool:
+        cg = self.home.cgroup if self.home is not None else None
+        return cg is not None and cg.oom_kills() > self.oom_before
+
+    def close_fds(self) -> None:
+        if self.home is not None:
+            if self.child is not None:
+                self.home.forget(self.child)
+            if self._counted:
+                self.home.active -= 1
+                self.home.touch()
+                self._counted = False
+        super().close_fds()
+
+
+def _spawn_in_box(
+    box: Box,
+    exe: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    spec: pb.ProcessSpec,
+    keep_stdin: bool,
+) -> InBox:
+    """The stdio of a command for `box` (its start is InBox.activate)."""
+    child_fds: list[int] = []
+    try:
+        if spec.pty:
+            master, slave = os.openpty()
+            child_fds.append(slave)
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(spec.rows, spec.cols))
+            os.set_inheritable(master, False)
+            _set_nonblocking(master)
+            sp = InBox(
+                popen=None, pid=0, stdin_fd=master, out_fds=[("stdout", master)], pty_master=master
+            )
+        else:
+            if keep_stdin:
+                r_in, w_in = os.pipe2(os.O_CLOEXEC)
+                child_fds.append(r_in)
+            else:
+                w_in = -1
+                child_fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            r_out, w_out = os.pipe2(os.O_CLOEXEC)
+            r_err, w_err = os.pipe2(os.O_CLOEXEC)
+            child_fds += [w_out, w_err]
+            for fd in (r_out, r_err, *([w_in] if keep_stdin else [])):
+                _set_nonblocking(fd)
+            sp = InBox(
+                popen=None,
+                pid=0,
+                stdin_fd=w_in if keep_stdin else None,
+                out_fds=[("stdout", r_out), ("stderr", r_err)],
+                pty_master=None,
+            )
+    except OSError as exc:
+        for fd in child_fds:
+            os.close(fd)
+        raise from_oserror(exc, argv[0]) from None
+    sp.home = box
+    sp.request = (exe, argv, env, cwd)
+    sp.child_fds = child_fds
+    if box.cgroup is not None:
+        sp.oom_before = box.cgroup.oom_kills()
+    return sp
 
 
 def _resolve_cwd(spec: pb.ProcessSpec, paths: PathPolicy) -> str:
@@ -373,12 +543,24 @@ def spawn(
     keep_stdin: bool,
     sandbox: Sandbox | None = None,
     relay: exec_relay.RelayGrant | None = None,
+    boxes: Boxes | None = None,
 ) -> Spawned:
     """Start the process described by `spec` in a new session; raise AgentError if it cannot.
 
-    With a `sandbox`, the caller must `await sp.activate(sandbox, grace)` before anything else.
-    With `relay` (spec.claude_relay), the process gets the Claude API through the relay.
+    With a `sandbox` or a box, the caller must `await sp.activate(sandbox, grace)` before
+    anything else. With `relay` (spec.claude_relay), the process gets the Claude API
+    through the relay.
     """
+    box: Box | None = None
+    if spec.box:
+        if boxes is None:
+            raise precondition("this agent has no named boxes")
+        box = boxes.get(spec.box)
+        if limits_of(spec.limits) is not None:
+            raise invalid(
+                f"a box's processes share the box's limits: give them to `box new`, "
+                f"not to a process in box {box.name}"
+            )
     argv = _argv(spec)
     check_timeout(spec.timeout_ms)
     if spec.pty:
@@ -402,6 +584,10 @@ def spawn(
         if found is None:
             raise not_found(f"command not found: {exe}")
         exe = found
+    if box is not None and box.mode == "bwrap":
+        if sandbox is not None:
+            env = sandbox.run_env(env, "bwrap")
+        return _spawn_in_box(box, exe, [exe, *argv[1:]], env, cwd, spec, keep_stdin)
     launch: Launch | None = None
     if sandbox is not None:
         launch = sandbox.launch(
@@ -410,7 +596,8 @@ def spawn(
             cwd,
             spec.pty,
             limits_of(spec.limits),
-            mode=relay.mode if relay is not None else None,
+            mode=box.mode if box is not None else relay.mode if relay is not None else None,
+            cgroup=box.cgroup if box is not None else None,
         )
         if launch.argv[1:] == argv[1:] and launch.argv[0] == exe:
             launch = None  # nothing wraps it: the direct path below keeps argv[0]
@@ -520,11 +707,15 @@ def spawn(
         launch=launch,
         run=run,
     )
+    if box is not None and box.cgroup is not None:
+        sp.oom_before = box.cgroup.oom_kills()
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
     except (AttributeError, OSError):
         sp.pidfd = None
     audit(argv=argv, pid=popen.pid, cwd=cwd, pty=spec.pty, sandbox=launch is not None)
+    if box is not None:
+        audit(box=box.name)
     return sp
 
 
@@ -659,8 +850,10 @@ class ProcessService(pb_grpc.ProcessServicer):
         runs: Runs | None = None,
         relay: ApiRelay | None = None,
         credentials: CredentialStore | None = None,
+        boxes: Boxes | None = None,
     ) -> None:
         self.paths = paths
+        self.boxes = boxes
         self.kill_grace = kill_grace
         self.sandbox = sandbox
         # spec.claude_relay: the Claude credential through the API relay (exec_relay.py).
@@ -679,7 +872,7 @@ class ProcessService(pb_grpc.ProcessServicer):
         spec = first.start
         argv = _argv(spec)
         cwd = spec.cwd or self.paths.default_dir
-        rec = self.runs.create("exec", spec.detach, argv=argv, cwd=cwd, pty=spec.pty)
+        rec = self.runs.create("exec", spec.detach, argv=argv, cwd=cwd, pty=spec.pty, box=spec.box)
         if not spec.detach:
             async for resp in self._exec(spec, request_iterator, rec):
                 yield resp
@@ -832,7 +1025,14 @@ class ProcessService(pb_grpc.ProcessServicer):
                         credential_source=cred.source,
                         api=cred.upstream.url,
                     )
-            sp = spawn(spec, self.paths, keep_stdin=spec.stdin, sandbox=self.sandbox, relay=grant)
+            sp = spawn(
+                spec,
+                self.paths,
+                keep_stdin=spec.stdin,
+                sandbox=self.sandbox,
+                relay=grant,
+                boxes=self.boxes,
+            )
         except BaseException:
             if grant is not None:
                 grant.close()
@@ -1038,7 +1238,13 @@ class ProcessService(pb_grpc.ProcessServicer):
                 "in one gRPC message; Exec streams any amount)"
             )
         limit = request.output_limit or RUN_OUTPUT_LIMIT
-        sp = spawn(spec, self.paths, keep_stdin=bool(request.stdin), sandbox=self.sandbox)
+        sp = spawn(
+            spec,
+            self.paths,
+            keep_stdin=bool(request.stdin),
+            sandbox=self.sandbox,
+            boxes=self.boxes,
+        )
         await sp.activate(self.sandbox, self.kill_grace)
         buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = {"stdout": False, "stderr": False}

@@ -162,8 +162,10 @@ class Launch:
     block_w: int | None = None
     # Child ends, closed by the parent once the child is started.
     child_fds: list[int] = field(default_factory=list)
-    # The run's own cgroup (limits), removed when the run is over.
+    # The run's cgroup (limits): its own, removed when the run is over, unless
+    # `owns_cgroup` is False (a named box's, shared by the box's runs).
     cgroup: RunCgroup | None = None
+    owns_cgroup: bool = True
     # Serves the run's API relay listener (127.0.0.1:RELAY_PORT in the box), if any.
     relay: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any] | None = None
 
@@ -178,9 +180,9 @@ class Launch:
     def abandon(self) -> None:
         """The child never started: release the parent's ends and the run's cgroup."""
         self.close_parent_fds()
-        if self.cgroup is not None:
+        if self.cgroup is not None and self.owns_cgroup:
             self.cgroup.remove()
-            self.cgroup = None
+        self.cgroup = None
 
     def close_parent_fds(self) -> None:
         for fd in (self.info_r, self.block_w):
@@ -434,11 +436,16 @@ class Sandbox:
         pty: bool,
         limits: Limits | None = None,
         mode: str | None = None,
+        cgroup: RunCgroup | None = None,
     ) -> Launch:
         """The command line that runs `argv` (argv[0] absolute) as configured; `mode` (the
-        policy's sandbox mode, read by the caller) when the caller's env depends on it."""
+        policy's sandbox mode, read by the caller) when the caller's env depends on it;
+        `cgroup` to run in an existing cgroup (a named box's) instead of one of its own."""
         launch = self._launch(argv, env, cwd, pty, mode or self.mode())
-        if self.cgroups is not None and self.cgroups.available:
+        if cgroup is not None:  # a named box's: shared by its runs, removed with the box
+            launch.cgroup, launch.owns_cgroup = cgroup, False
+            launch.argv = cgroup.prefix() + launch.argv
+        elif self.cgroups is not None and self.cgroups.available:
             try:
                 launch.cgroup = self.cgroups.create_run(self.effective_limits(limits))
             except OSError as exc:
@@ -451,13 +458,28 @@ class Sandbox:
                 launch.argv = launch.cgroup.prefix() + launch.argv
         return launch
 
-    def _launch(
-        self, argv: list[str], env: dict[str, str], cwd: str, pty: bool, mode: str
-    ) -> Launch:
+    def run_env(self, env: dict[str, str], mode: str) -> dict[str, str]:
+        """`env` as a run sees it: its user's HOME/USER, and in a box the egress proxy."""
         user = self.identity.user
         env = dict(env)
         if self.identity.mode == "user":
             env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+        if mode == "bwrap":
+            env.update(
+                HTTP_PROXY=PROXY_URL,
+                HTTPS_PROXY=PROXY_URL,
+                http_proxy=PROXY_URL,
+                https_proxy=PROXY_URL,
+                NO_PROXY=NO_PROXY,
+                no_proxy=NO_PROXY,
+            )
+        return env
+
+    def _launch(
+        self, argv: list[str], env: dict[str, str], cwd: str, pty: bool, mode: str
+    ) -> Launch:
+        user = self.identity.user
+        env = self.run_env(env, mode)
         if mode != "bwrap":
             inner = drop_to(user) + argv
             if pty:
@@ -524,14 +546,6 @@ class Sandbox:
         inner = drop_to(user) + argv
         if pty:
             inner = [require_tool("setsid"), "--ctty", *inner]
-        env.update(
-            HTTP_PROXY=PROXY_URL,
-            HTTPS_PROXY=PROXY_URL,
-            http_proxy=PROXY_URL,
-            https_proxy=PROXY_URL,
-            NO_PROXY=NO_PROXY,
-            no_proxy=NO_PROXY,
-        )
         for fd in (seccomp_fd, info_w, block_r):
             os.set_inheritable(fd, True)
         return Launch(

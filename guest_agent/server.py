@@ -19,6 +19,8 @@ from cowork.agent.v1 import (
     agent_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    box_pb2,
+    box_pb2_grpc,
     claude_pb2,
     files_pb2,
     files_pb2_grpc,
@@ -34,6 +36,7 @@ from cowork.defaults import MAX_MESSAGE_BYTES
 from . import claude, listeners, reaper
 from . import policy as pol
 from .api_relay import ApiRelay
+from .boxes import Boxes, BoxService
 from .cgroups import Cgroups
 from .config import AgentConfig
 from .credentials import AuthService, CredentialStore
@@ -179,6 +182,12 @@ class AgentServer:
             state_file.removesuffix(".runs.json") + ".journal", lambda: self.policy.current.runs
         )
         caps.append("runs")
+        # Named boxes: long-lived sandboxes that runs join (ProcessSpec.box).
+        self.boxes = Boxes(
+            self.sandbox, lambda: self.policy.current.boxes, lambda: self.paths.default_dir
+        )
+        caps.append("boxes")
+        box_pb2_grpc.add_BoxServicer_to_server(BoxService(self.boxes), self.server)
         process_pb2_grpc.add_ProcessServicer_to_server(
             ProcessService(
                 self.paths,
@@ -187,6 +196,7 @@ class AgentServer:
                 self.runs,
                 relay=self.relay,
                 credentials=self.credentials,
+                boxes=self.boxes,
             ),
             self.server,
         )
@@ -216,6 +226,7 @@ class AgentServer:
         names = [
             agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name,
             process_pb2.DESCRIPTOR.services_by_name["Process"].full_name,
+            box_pb2.DESCRIPTOR.services_by_name["Box"].full_name,
             files_pb2.DESCRIPTOR.services_by_name["Files"].full_name,
             claude_pb2.DESCRIPTOR.services_by_name["Claude"].full_name,
             policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
@@ -302,6 +313,7 @@ class AgentServer:
             self.runs.close(),
             self.server.stop(grace),
         )
+        await self.boxes.close()
         await self.relay.aclose()
         reaper.REAPER.close()
 

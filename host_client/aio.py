@@ -27,7 +27,15 @@ from .api.files import Progress
 from .api.process import ExecStream
 from .claude_relay import ClaudeRelay
 from .client import CoworkClient
-from .models import ExecEvent, ExecutionResult, Exited, FileInfo, RunInfo, TransferResult
+from .models import (
+    BoxInfo,
+    ExecEvent,
+    ExecutionResult,
+    Exited,
+    FileInfo,
+    RunInfo,
+    TransferResult,
+)
 
 if TYPE_CHECKING:
     from .claude import ClaudeEvent, ClaudeExecutionResult
@@ -217,6 +225,7 @@ class AsyncProcess:
         timeout: float | None = None,
         output_limit: int = 0,
         limits: Mapping[str, float] | None = None,
+        box: str | None = None,
     ) -> ExecutionResult:
         """Run to completion and return buffered output (capped at `output_limit` per stream)."""
         return await self._worker.call(
@@ -228,6 +237,7 @@ class AsyncProcess:
             timeout=timeout,
             output_limit=output_limit,
             limits=limits,
+            box=box,
         )
 
     def exec(
@@ -246,6 +256,7 @@ class AsyncProcess:
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
         claude_relay: ClaudeRelay | None = None,
+        box: str | None = None,
     ) -> AsyncExecStream:
         """Start a process and stream its events (`async for`); nothing is sent until then.
 
@@ -265,6 +276,7 @@ class AsyncProcess:
             limits=limits,
             detach=detach,
             claude_relay=claude_relay,
+            box=box,
         )
         return AsyncExecStream(stream, self._worker)
 
@@ -463,6 +475,51 @@ class AsyncPolicy:
             yield entry
 
 
+class AsyncBoxes:
+    """`vm.boxes` for asyncio: the Box service (see api.boxes.Boxes)."""
+
+    def __init__(self, client: CoworkClient, worker: _Worker) -> None:
+        self._sync = client.boxes
+        self._worker = worker
+
+    async def create(self, name: str, *, limits: Mapping[str, float] | None = None) -> BoxInfo:
+        """Make a box named `name`; `limits` apply to everything in it together."""
+        return await self._worker.call(self._sync.create, name, limits=limits)
+
+    async def list(self) -> list[BoxInfo]:
+        """Every box the agent has (oldest first)."""
+        return await self._worker.call(self._sync.list)
+
+    async def remove(self, name: str) -> BoxInfo:
+        """Kill everything in the box and forget it."""
+        return await self._worker.call(self._sync.remove, name)
+
+
+class AsyncBoxHandle:
+    """One named box for asyncio (see api.boxes.BoxHandle)."""
+
+    def __init__(self, client: AsyncCoworkClient, name: str) -> None:
+        self.name = name
+        self._client = client
+
+    async def run(self, command: str | Sequence[str], **options: Any) -> ExecutionResult:
+        """`process.run` inside this box (same options)."""
+        return await self._client.process.run(command, box=self.name, **options)
+
+    def exec(self, command: str | Sequence[str], **options: Any) -> AsyncExecStream:
+        """`process.exec` inside this box (same options)."""
+        return self._client.process.exec(command, box=self.name, **options)
+
+    async def info(self) -> BoxInfo:
+        """The box as Box.List reports it (NotFound once it is removed)."""
+        handle = self._client.sync.box(self.name)
+        return await self._client._worker.call(handle.info)
+
+    async def remove(self) -> BoxInfo:
+        """Kill everything in it and forget it."""
+        return await self._client.boxes.remove(self.name)
+
+
 class AsyncCoworkClient:
     """CoworkClient for asyncio: `async with AsyncCoworkClient(...) as vm:`.
 
@@ -485,6 +542,7 @@ class AsyncCoworkClient:
         self.files = AsyncFiles(self.sync, self._worker)
         self.claude = AsyncClaude(self.sync, self._worker)
         self.policy = AsyncPolicy(self.sync, self._worker)
+        self.boxes = AsyncBoxes(self.sync, self._worker)
 
     @property
     def target(self) -> Target:
@@ -495,6 +553,14 @@ class AsyncCoworkClient:
     def connect_timeout(self) -> float:
         """Seconds a call waits for an unreachable agent before its one retry."""
         return self.sync.connect_timeout
+
+    async def box(
+        self, name: str, *, create: bool = False, limits: Mapping[str, float] | None = None
+    ) -> AsyncBoxHandle:
+        """The named box `name`: its run/exec go inside it. With `create`, made first."""
+        if create:
+            await self.boxes.create(name, limits=limits)
+        return AsyncBoxHandle(self, name)
 
     async def close(self) -> None:
         """Close the channel (and relay) and the worker threads."""
@@ -599,6 +665,7 @@ class AsyncCoworkClient:
         timeout: float | None = None,
         output_limit: int = 0,
         limits: Mapping[str, float] | None = None,
+        box: str | None = None,
     ) -> ExecutionResult:
         """Shorthand for `process.run`: run to completion, buffered output."""
         return await self.process.run(
@@ -609,6 +676,7 @@ class AsyncCoworkClient:
             timeout=timeout,
             output_limit=output_limit,
             limits=limits,
+            box=box,
         )
 
     def exec(
@@ -627,6 +695,7 @@ class AsyncCoworkClient:
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
         claude_relay: ClaudeRelay | None = None,
+        box: str | None = None,
     ) -> AsyncExecStream:
         """Shorthand for `process.exec`: start a process and stream its events."""
         return self.process.exec(
@@ -643,6 +712,7 @@ class AsyncCoworkClient:
             limits=limits,
             detach=detach,
             claude_relay=claude_relay,
+            box=box,
         )
 
     async def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .api.boxes import Boxes, BoxHandle
 from .api.claude import AskStream, Claude
 from .api.connection import Connection
 from .api.files import Files, Progress
@@ -72,6 +73,7 @@ class CoworkClient:
         self.files = Files(self.connection)
         self.claude = Claude(self.connection)
         self.policy = Policy(self.connection)
+        self.boxes = Boxes(self.connection)
 
     @property
     def target(self) -> Target:
@@ -82,6 +84,15 @@ class CoworkClient:
     def connect_timeout(self) -> float:
         """Seconds a call waits for an unreachable agent before its one retry."""
         return self.connection.connect_timeout
+
+    def box(
+        self, name: str, *, create: bool = False, limits: Mapping[str, float] | None = None
+    ) -> BoxHandle:
+        """The named box `name`: its run/exec go inside it (see api.boxes). With `create`,
+        the box is made first (AlreadyExists if there is one); else nothing is asked yet."""
+        if create:
+            self.boxes.create(name, limits=limits)
+        return BoxHandle(self.boxes, self.process, name)
 
     def close(self) -> None:
         """Close the channel (and relay); a later call opens a new one."""
@@ -258,6 +269,7 @@ class CoworkClient:
         timeout: float | None = None,
         output_limit: int = 0,
         limits: Mapping[str, float] | None = None,
+        box: str | None = None,
     ) -> ExecutionResult:
         """Shorthand for `process.run`: run to completion, buffered output."""
         return self.process.run(
@@ -268,6 +280,7 @@ class CoworkClient:
             timeout=timeout,
             output_limit=output_limit,
             limits=limits,
+            box=box,
         )
 
     def exec(
@@ -286,6 +299,7 @@ class CoworkClient:
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
         claude_relay: ClaudeRelay | None = None,
+        box: str | None = None,
     ) -> ExecStream:
         """Shorthand for `process.exec`: start a process and stream its events."""
         return self.process.exec(
@@ -302,6 +316,7 @@ class CoworkClient:
             limits=limits,
             detach=detach,
             claude_relay=claude_relay,
+            box=box,
         )
 
     def stat(self, path: str, follow_symlinks: bool = False) -> FileInfo:

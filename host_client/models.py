@@ -146,3 +146,20 @@ class RunInfo:
         import shlex
 
         return shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
+class BoxInfo:
+    """A named box (Box.List): a long-lived sandbox that runs join (`box=` / `--box`)."""
+
+    name: str
+    state: str  # "ready" | "gone"
+    sandbox: str  # "bwrap" | "none"
+    created_at: float  # unix seconds
+    idle_seconds: float  # since something last ran in it (0 while something does)
+    active: int  # processes started through the agent, going now
+    runs: int  # processes started in it so far
+    processes: int  # processes in its cgroup now
+    pid: int  # the agent's pid of its bubblewrap (0 for "none")
+    reason: str  # why it is gone
+    limits: dict[str, float]  # memory_bytes, pids, cpus (0 = none)

@@ -39,6 +39,7 @@ def process_spec(
     limits: Mapping[str, float] | None = None,
     detach: bool = False,
     claude_relay: process_pb2.ClaudeRelay | None = None,
+    box: str = "",
 ) -> process_pb2.ProcessSpec:
     """A str is a shell command line (`sh -c`); a sequence is an argv (no shell)."""
     spec = process_pb2.ProcessSpec(
@@ -51,6 +52,7 @@ def process_spec(
         clear_env=clear_env,
         timeout_ms=int(timeout * 1000) if timeout else 0,
         detach=detach,
+        box=box,
     )
     if isinstance(command, str):
         spec.shell = command

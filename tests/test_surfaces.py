@@ -15,6 +15,8 @@ import pytest
 
 from host_client.aio import (
     AsyncAskStream,
+    AsyncBoxes,
+    AsyncBoxHandle,
     AsyncClaude,
     AsyncCoworkClient,
     AsyncExecStream,
@@ -22,6 +24,7 @@ from host_client.aio import (
     AsyncPolicy,
     AsyncProcess,
 )
+from host_client.api.boxes import Boxes, BoxHandle
 from host_client.api.claude import AskStream, Claude
 from host_client.api.files import Files
 from host_client.api.policy import Policy
@@ -36,6 +39,8 @@ PAIRS = [
     (Policy, AsyncPolicy),
     (ExecStream, AsyncExecStream),
     (AskStream, AsyncAskStream),
+    (Boxes, AsyncBoxes),
+    (BoxHandle, AsyncBoxHandle),
 ]
 # Protocol methods with an async counterpart of another name.
 ASYNC_NAME = {"__iter__": "__aiter__", "__enter__": "__aenter__", "__exit__": "__aexit__"}
@@ -43,7 +48,7 @@ ASYNC_NAME = {"__iter__": "__aiter__", "__enter__": "__aenter__", "__exit__": "_
 ASYNC_ONLY_PARAMETERS: dict[tuple[type, str], set[str]] = {
     (AsyncCoworkClient, "__init__"): {"max_workers"}
 }
-PARTS = ("process", "files", "claude", "policy")
+PARTS = ("process", "files", "claude", "policy", "boxes")
 SEED_NAMES = (
     "execute_in_vm",
     "read_file",
@@ -152,12 +157,19 @@ def test_the_async_methods_are_awaitable_where_the_sync_ones_block() -> None:
 def test_both_clients_have_the_typed_parts() -> None:
     sync = CoworkClient("unix:/nonexistent.sock", token_file=_token_file())
     aio = AsyncCoworkClient("unix:/nonexistent.sock", token_file=_token_file())
-    want = {"process": Process, "files": Files, "claude": Claude, "policy": Policy}
+    want = {
+        "process": Process,
+        "files": Files,
+        "claude": Claude,
+        "policy": Policy,
+        "boxes": Boxes,
+    }
     async_want = {
         "process": AsyncProcess,
         "files": AsyncFiles,
         "claude": AsyncClaude,
         "policy": AsyncPolicy,
+        "boxes": AsyncBoxes,
     }
     for part in PARTS:
         assert isinstance(getattr(sync, part), want[part])

@@ -19,6 +19,7 @@ _END = object()
 LIMITS_FEATURE = "resource limits: memory, pids, cpus"
 RUNS_FEATURE = "runs with ids: detach, attach, list, kill"
 CLAUDE_RELAY_FEATURE = "the Claude credential through the agent's API relay, not in the env"
+BOXES_FEATURE = "named boxes: box new|ls|rm, --box"
 
 
 class Process:
@@ -40,6 +41,7 @@ class Process:
         timeout: float | None = None,
         output_limit: int = 0,
         limits: Mapping[str, float] | None = None,
+        box: str | None = None,
     ) -> ExecutionResult:
         """Run to completion and return buffered output (capped at `output_limit` per stream).
 
@@ -48,7 +50,11 @@ class Process:
         """
         if limits:
             self._conn.require("process.limits", LIMITS_FEATURE)
-        spec = rq.process_spec(command, env=env, cwd=cwd, timeout=timeout, limits=limits)
+        if box:
+            self._conn.require("boxes", BOXES_FEATURE)
+        spec = rq.process_spec(
+            command, env=env, cwd=cwd, timeout=timeout, limits=limits, box=box or ""
+        )
         data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
         req = process_pb2.RunRequest(spec=spec, stdin=data, output_limit=output_limit)
         resp = self._conn.unary(self._stub().Run, req)
@@ -82,6 +88,7 @@ class Process:
         limits: Mapping[str, float] | None = None,
         detach: bool = False,
         claude_relay: ClaudeRelay | None = None,
+        box: str | None = None,
     ) -> ExecStream:
         """Start a process and stream its events (Started, Output..., Exited).
 
@@ -94,6 +101,8 @@ class Process:
         (leave it after `Started`, whose `run_id` names the run); its output is
         journaled and `attach(run_id)` follows it again.
 
+        `box` (capability "boxes"): run inside that named box (see api.boxes).
+
         `claude_relay` (capability "process.claude_relay"; e.g. the interactive Claude
         CLI): the process reaches the Claude API through the agent's relay with a
         placeholder credential; the real one (`ClaudeRelay.from_env()`, or the one held
@@ -105,6 +114,8 @@ class Process:
             self._conn.require("runs", RUNS_FEATURE)
         if claude_relay is not None:
             self._conn.require("process.claude_relay", CLAUDE_RELAY_FEATURE)
+        if box:
+            self._conn.require("boxes", BOXES_FEATURE)
         spec = rq.process_spec(
             command,
             env=env,
@@ -118,6 +129,7 @@ class Process:
             limits=limits,
             detach=detach,
             claude_relay=claude_relay.to_proto() if claude_relay is not None else None,
+            box=box or "",
         )
         return ExecStream(self._conn, self._stub(), spec, stdin, interactive)
 

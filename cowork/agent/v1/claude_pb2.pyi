@@ -68,6 +68,7 @@ class AskRequest(_message.Message):
     TOOL_RESULT_LIMIT_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     DETACH_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     cwd: _builtins.str
     """Working directory; empty = the first workspace root."""
@@ -94,6 +95,10 @@ class AskRequest(_message.Message):
     """Keep the run going when the stream ends (capability "runs"): its events go
     to the run's journal (see Process.List) and the stream starts with a
     RunEvent naming the run; Claude.Attach follows it again.
+    """
+    box: _builtins.str
+    """Run the CLI inside the named box (capability "boxes"; see box.proto),
+    with the same errors as ProcessSpec.box.
     """
     @_builtins.property
     def allowed_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -132,10 +137,11 @@ class AskRequest(_message.Message):
         tool_result_limit: _builtins.int = ...,
         limits: _process_pb2.ResourceLimits | None = ...,
         detach: _builtins.bool = ...,
+        box: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "continue_session", b"continue_session", "cwd", b"cwd", "detach", b"detach", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "limits", b"limits", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "box", b"box", "continue_session", b"continue_session", "cwd", b"cwd", "detach", b"detach", "disallowed_tools", b"disallowed_tools", "env", b"env", "fork_session", b"fork_session", "include_partial_messages", b"include_partial_messages", "limits", b"limits", "max_budget_usd", b"max_budget_usd", "max_turns", b"max_turns", "model", b"model", "permission_mode", b"permission_mode", "prompt", b"prompt", "resume", b"resume", "session_id", b"session_id", "timeout_ms", b"timeout_ms", "tool_result_limit", b"tool_result_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,6 +70,7 @@ class ProcessSpec(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     DETACH_FIELD_NUMBER: _builtins.int
     CLAUDE_RELAY_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
     shell: _builtins.str
     """A shell command line run as `/bin/sh -c <shell>`."""
     clear_env: _builtins.bool
@@ -95,6 +96,11 @@ class ProcessSpec(_message.Message):
     detach: _builtins.bool
     """Exec only (capability "runs"): keep the run going when the stream ends;
     its output goes to the journal (see Attach). INVALID_ARGUMENT for Run.
+    """
+    box: _builtins.str
+    """Run inside the named box (capability "boxes"; see box.proto): NOT_FOUND
+    for an unknown box, UNAVAILABLE for one that is gone, INVALID_ARGUMENT
+    with `limits` (a box's processes share the box's).
     """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -142,10 +148,11 @@ class ProcessSpec(_message.Message):
         limits: Global___ResourceLimits | None = ...,
         detach: _builtins.bool = ...,
         claude_relay: Global___ClaudeRelay | None = ...,
+        box: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claude_relay", b"claude_relay", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "claude_relay", b"claude_relay", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "detach", b"detach", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "box", b"box", "claude_relay", b"claude_relay", "clear_env", b"clear_env", "cols", b"cols", "cwd", b"cwd", "detach", b"detach", "env", b"env", "limits", b"limits", "pty", b"pty", "rows", b"rows", "shell", b"shell", "stdin", b"stdin", "term", b"term", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,383 @@
+"""Named boxes (issue #12): long-lived sandboxes that execs join, against a real agent
+running as root with bubblewrap, a real sandbox user and real processes.
+
+The wall tests check each property for a process that *joined* an existing box (the
+second exec into it), not only for the box's first process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from host_client import CoworkClient
+from host_client.api.boxes import BoxHandle
+from host_client.errors import AlreadyExists, CoworkError, InvalidArgument, NotFound
+from host_client.models import Output, Started
+from tests.conftest import AgentProc, wait_until
+from tests.sandbox.conftest import ALLOWED, make_boxed_agent
+
+PY = "/usr/bin/python3"
+SERVE = (
+    "import http.server, sys\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.end_headers(); self.wfile.write(b'from the box')\n"
+    "    def log_message(self, *a): pass\n"
+    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n"
+)
+GET = (
+    "import sys, urllib.request\n"
+    "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+    "print(opener.open(sys.argv[1], timeout=5).read().decode())\n"
+)
+
+
+@pytest.fixture
+def vm(boxed: AgentProc) -> Iterator[CoworkClient]:
+    with boxed.client() as c:
+        yield c
+
+
+@pytest.fixture
+def box(vm: CoworkClient) -> Iterator[BoxHandle]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    handle = vm.box(name, create=True)
+    try:
+        yield handle
+    finally:
+        try:
+            handle.remove()
+        except NotFound:
+            pass
+
+
+def sh(target: BoxHandle | CoworkClient, script: str, **kw: object) -> tuple[int, str, str]:
+    if isinstance(target, BoxHandle):
+        r = target.run(["sh", "-c", script], **kw)
+    else:
+        r = target.run(["sh", "-c", script], **kw)  # type: ignore[arg-type]
+    return r.exit_code, r.output, r.error
+
+
+def joined_status(box: BoxHandle) -> dict[str, str]:
+    """/proc/self/status of a process that joined the box (after another one ran in it)."""
+    sh(box, "true")
+    code, out, err = sh(box, "cat /proc/self/status")
+    assert code == 0, err
+    return dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+
+
+# -- what a box is -----------------------------------------------------------------------
+def test_a_server_started_by_one_exec_answers_the_next(box: BoxHandle) -> None:
+    port = 18000 + os.getpid() % 1000
+    started = box.run(["sh", "-c", f'{PY} -c "$0" {port} >/dev/null 2>&1 &', SERVE], timeout=10)
+    assert started.exit_code == 0
+    deadline = time.monotonic() + 10
+    while True:
+        r = box.run([PY, "-c", GET, f"http://127.0.0.1:{port}/"])
+        if r.exit_code == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert r.output.strip() == "from the box", r.error
+
+
+def test_tmp_persists_across_execs_in_a_box(box: BoxHandle) -> None:
+    assert sh(box, "echo kept > /tmp/note")[0] == 0
+    assert sh(box, "cat /tmp/note")[1] == "kept\n"
+
+
+def test_two_boxes_see_neither_each_others_processes_nor_tmp(vm: CoworkClient) -> None:
+    a = vm.box(f"a-{uuid.uuid4().hex[:6]}", create=True)
+    b = vm.box(f"b-{uuid.uuid4().hex[:6]}", create=True)
+    try:
+        sh(a, "echo secret > /tmp/mine; sleep 300 >/dev/null 2>&1 &")
+        code, out, _ = sh(b, "cat /tmp/mine 2>/dev/null || echo absent; ps -eo args")
+        assert code == 0
+        assert out.startswith("absent\n")
+        assert "sleep 300" not in out
+        assert "secret" not in out
+    finally:
+        a.remove()
+        b.remove()
+
+
+def test_exec_outside_a_box_does_not_see_the_box(vm: CoworkClient, box: BoxHandle) -> None:
+    sh(box, "echo only-in-box > /tmp/inbox")
+    assert sh(vm, "cat /tmp/inbox")[0] != 0
+
+
+def test_removing_a_box_kills_everything_in_it(vm: CoworkClient, box: BoxHandle) -> None:
+    marker = _unique_sleep()
+    sh(box, f"setsid {marker} >/dev/null 2>&1 &")
+    assert wait_until(lambda: _pids_with(marker), 5)
+    info = box.remove()
+    assert info.name == box.name
+    assert wait_until(lambda: not _pids_with(marker), 5), _pids_with(marker)
+    with pytest.raises(NotFound):
+        box.run("true")
+
+
+def _unique_sleep() -> str:
+    """A sleep command line no other process has (found again with pgrep -f)."""
+    return f"sleep {300 + uuid.uuid4().int % 10**6}.{uuid.uuid4().int % 10**6:06d}"
+
+
+def _pids_with(text: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_box_is_listed_with_its_runs(vm: CoworkClient, box: BoxHandle) -> None:
+    sh(box, "true")
+    sh(box, "true")
+    [info] = [b for b in vm.boxes.list() if b.name == box.name]
+    assert info.state == "ready"
+    assert info.sandbox == "bwrap"
+    assert info.runs == 2
+    assert info.active == 0
+    assert info.pid > 0
+
+
+def test_exit_codes_and_output_pass_through_a_box(box: BoxHandle) -> None:
+    code, out, err = sh(box, "echo out; echo err >&2; exit 7")
+    assert (code, out, err) == (7, "out\n", "err\n")
+
+
+def test_stdin_reaches_a_command_in_a_box(box: BoxHandle) -> None:
+    r = box.run(["cat"], stdin=b"piped in")
+    assert r.output == "piped in"
+
+
+def test_pty_in_a_box(box: BoxHandle) -> None:
+    stream = box.exec(
+        ["sh", "-c", "test -t 0 && test -t 1 && echo terminal; stty size"],
+        pty=True,
+        rows=33,
+        cols=101,
+    )
+    out = b"".join(ev.data for ev in stream if isinstance(ev, Output))
+    assert out == b"terminal\r\n33 101\r\n"
+
+
+def test_detached_run_in_a_box_is_listed_with_the_box(vm: CoworkClient, box: BoxHandle) -> None:
+    stream = box.exec(["sh", "-c", "echo detached; sleep 0.2"], detach=True)
+    first = next(iter(stream))
+    stream.cancel()
+    assert isinstance(first, Started)
+    done = vm.process.wait(first.run_id)
+    assert done.box == box.name
+    assert done.exit is not None and done.exit.code == 0
+    out = b"".join(ev.data for ev in vm.process.attach(first.run_id) if isinstance(ev, Output))
+    assert out == b"detached\n"
+
+
+def test_cancelled_exec_stops_its_group_but_not_the_box(vm: CoworkClient, box: BoxHandle) -> None:
+    marker = _unique_sleep()
+    stream = box.exec(["sh", "-c", f"{marker}; true"])
+    events = iter(stream)
+    assert isinstance(next(events), Started)
+    assert wait_until(lambda: _pids_with(marker), 5)
+    stream.cancel()
+    assert wait_until(lambda: not _pids_with(marker), 10), _pids_with(marker)
+    assert sh(box, "echo still here")[1] == "still here\n"
+
+
+def test_timeout_in_a_box_is_reported(box: BoxHandle) -> None:
+    r = box.run(["sleep", "30"], timeout=0.5)
+    assert r.timed_out
+
+
+# -- the wall, for a joined process ------------------------------------------------------
+def test_joined_process_runs_as_the_sandbox_user(box: BoxHandle, sandbox_user: str) -> None:
+    sh(box, "true")
+    assert sh(box, "id -un")[1].strip() == sandbox_user
+
+
+def test_joined_process_has_no_capabilities_and_no_new_privs(box: BoxHandle) -> None:
+    status = joined_status(box)
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[cap], 16) == 0, (cap, status[cap])
+    assert status["NoNewPrivs"].strip() == "1"
+
+
+def test_joined_process_has_the_seccomp_filter(box: BoxHandle) -> None:
+    status = joined_status(box)
+    assert status["Seccomp"].strip() == "2"
+    # The filter itself, not only its mode: a namespace-creating unshare is refused.
+    code, _, err = sh(box, "unshare --user --map-root-user true")
+    assert code != 0, err
+
+
+def test_joined_process_is_in_the_boxs_cgroup(box: BoxHandle) -> None:
+    sh(box, "true")
+    stream = box.exec(["sleep", "5"])
+    started = next(iter(stream))
+    try:
+        assert isinstance(started, Started) and started.pid > 0
+        assert _cgroup_of(started.pid) == _cgroup_of(box.info().pid)
+    finally:
+        stream.cancel()
+
+
+def _cgroup_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return f.read().strip()
+
+
+def test_joined_process_cannot_see_the_agent(box: BoxHandle) -> None:
+    sh(box, "true")
+    code, out, _ = sh(box, "ps -eo pid,args")
+    assert code == 0
+    assert "guest_agent" not in out and "cowork-agent" not in out
+
+
+def test_joined_process_shares_the_boxs_namespaces(box: BoxHandle) -> None:
+    first = sh(box, "readlink /proc/self/ns/pid /proc/self/ns/net /proc/self/ns/mnt")[1]
+    second = sh(box, "readlink /proc/self/ns/pid /proc/self/ns/net /proc/self/ns/mnt")[1]
+    assert first == second
+    # The box's first process (pid 2 in it: bwrap's reaper is 1) is in them too.
+    assert sh(box, "readlink /proc/2/ns/pid")[1].split()[0] == first.split()[0]
+
+
+def test_joined_process_reaches_only_allowed_names_through_the_proxy(
+    box: BoxHandle, origin: int
+) -> None:
+    sh(box, "true")
+    r = box.run(
+        [
+            PY,
+            "-c",
+            "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5)"
+            ".read().decode())",
+            f"http://{ALLOWED}:{origin}/x",
+        ]
+    )
+    assert r.output.startswith("origin says hi"), r.error
+
+
+def test_killing_the_boxs_first_process_ends_the_box_cleanly(
+    vm: CoworkClient, box: BoxHandle
+) -> None:
+    # The box's own code may kill it: the box is then reported gone, nothing hangs.
+    sh(box, "kill -KILL 2")  # pid 2 in the box: its first process
+    assert wait_until(lambda: box.info().state == "gone", 10)
+    with pytest.raises(CoworkError) as e:
+        box.run("true")
+    assert e.value.code == "UNAVAILABLE"
+    vm.boxes.create(box.name)  # the name is free again
+
+
+# -- bad input ---------------------------------------------------------------------------
+def test_unknown_box_is_not_found(vm: CoworkClient) -> None:
+    with pytest.raises(NotFound) as e:
+        vm.run("true", box="no-such-box")
+    assert "no box named no-such-box" in str(e.value)
+
+
+def test_box_name_in_use_is_already_exists(vm: CoworkClient, box: BoxHandle) -> None:
+    with pytest.raises(AlreadyExists):
+        vm.boxes.create(box.name)
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "-dash", "a/b", "x" * 64, "sp ace"])
+def test_bad_box_name_is_invalid_argument(vm: CoworkClient, name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        vm.boxes.create(name)
+
+
+def test_limits_on_a_process_in_a_box_are_invalid(box: BoxHandle) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        box.run("true", limits={"pids": 10})
+    assert "share the box's limits" in str(e.value)
+
+
+def test_remove_of_an_unknown_box_is_not_found(vm: CoworkClient) -> None:
+    with pytest.raises(NotFound):
+        vm.boxes.remove("never-made")
+
+
+def test_command_not_found_in_a_box(box: BoxHandle) -> None:
+    with pytest.raises(NotFound):
+        box.run(["no-such-command-here"])
+
+
+def test_too_many_boxes_is_resource_exhausted(sandbox_user: str) -> None:
+    agent = make_boxed_agent(
+        sandbox_user, "sandbox: bwrap\nnetwork: {preset: offline}\nboxes: {max: 1}\n"
+    )
+    try:
+        with agent.client() as c:
+            c.boxes.create("one")
+            with pytest.raises(CoworkError) as e:
+                c.boxes.create("two")
+            assert e.value.code == "RESOURCE_EXHAUSTED"
+            assert c.run("echo ok", box="one").output == "ok\n"
+    finally:
+        agent.stop()
+
+
+def test_idle_box_is_removed_after_the_policys_idle(sandbox_user: str) -> None:
+    agent = make_boxed_agent(
+        sandbox_user, "sandbox: bwrap\nnetwork: {preset: offline}\nboxes: {idle: 2s}\n"
+    )
+    try:
+        with agent.client() as c:
+            c.boxes.create("sleepy")
+            pid = c.boxes.list()[0].pid
+            assert wait_until(lambda: not c.boxes.list(), 15)
+            assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5)
+    finally:
+        agent.stop()
+
+
+def test_agent_stop_ends_every_box(sandbox_user: str) -> None:
+    agent = make_boxed_agent(sandbox_user)
+    with agent.client() as c:
+        c.boxes.create("ends")
+        pid = c.boxes.list()[0].pid
+    agent.stop()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5)
+
+
+def test_disconnected_client_leaves_no_process_of_its_exec_in_the_box(
+    boxed: AgentProc, box: BoxHandle
+) -> None:
+    marker = _unique_sleep()
+    script = (
+        "import sys\n"
+        "from host_client import CoworkClient\n"
+        "c = CoworkClient(sys.argv[1], token_file=sys.argv[2])\n"
+        "s = iter(c.process.exec(['sh', '-c', sys.argv[4]], box=sys.argv[3]))\n"
+        "next(s); print('started', flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            script,
+            f"unix:{boxed.socket}",
+            str(boxed.token_file),
+            box.name,
+            f"{marker}; true",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(os.getcwd())},
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+        assert wait_until(lambda: _pids_with(marker), 5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert wait_until(lambda: not _pids_with(marker), 10), _pids_with(marker)
+    finally:
+        proc.kill()
