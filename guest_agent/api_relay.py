@@ -132,12 +132,15 @@ def _offered(headers: list[tuple[str, str]]) -> list[str]:
 
 @dataclass
 class Endpoint:
-    """A run's registration on the agent's loopback relay (runs without a box): the port is
-    shared, the placeholder picks the run. close() ends the run's connections."""
+    """A run's registration on a shared relay listener: the agent's loopback one (runs
+    without a box; `port`), or a named box's (`port` 0: 127.0.0.1:3129 in the box). The
+    placeholder picks the run, looked up only in the listener's own `registry`.
+    close() ends the run's connections."""
 
     relay: ApiRelay
     route: Route
     port: int
+    registry: dict[str, Endpoint]
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
@@ -145,7 +148,7 @@ class Endpoint:
         return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self.relay._endpoints.pop(self.route.placeholder, None)
+        self.registry.pop(self.route.placeholder, None)
         for task in self.tasks:
             task.cancel()
         self.tasks.clear()
@@ -329,19 +332,36 @@ class ApiRelay:
                     self._serve_loopback, "127.0.0.1", 0, limit=CHUNK, backlog=64
                 )
         port = int(self._loopback.sockets[0].getsockname()[1])
-        endpoint = Endpoint(self, route, port)
+        endpoint = Endpoint(self, route, port, self._endpoints)
         self._endpoints[route.placeholder] = endpoint
         return endpoint
+
+    def register(self, route: Route, registry: dict[str, Endpoint]) -> Endpoint:
+        """Register `route` (a run in a named box) on the box's relay listener (`registry`
+        is the box's: a placeholder of another box or of a run without one finds nothing)."""
+        endpoint = Endpoint(self, route, 0, registry)
+        registry[route.placeholder] = endpoint
+        return endpoint
+
+    def shared_handler(self, registry: dict[str, Endpoint]) -> Handler:
+        """What serves a named box's relay listener: each request's placeholder picks its run."""
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.handle(None, reader, writer, registry)
+
+        return serve
 
     async def _serve_loopback(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         await self.handle(None, reader, writer)
 
-    def _lookup(self, headers: list[tuple[str, str]]) -> Route | None:
+    def _lookup(
+        self, headers: list[tuple[str, str]], registry: dict[str, Endpoint]
+    ) -> Route | None:
         """The registered run whose placeholder the request carries; its task joins the run's."""
         for given in _offered(headers):
-            endpoint = self._endpoints.get(given)
+            endpoint = registry.get(given)
             if endpoint is not None:
                 task = asyncio.current_task()
                 if task is not None:
@@ -361,10 +381,14 @@ class ApiRelay:
 
     # -- one connection -----------------------------------------------------------
     async def handle(
-        self, route: Route | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        route: Route | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        registry: dict[str, Endpoint] | None = None,
     ) -> None:
-        """Serve one connection: `route` is the box's run, or None on the shared loopback
-        relay (the request's placeholder finds the run)."""
+        """Serve one connection: `route` is the box's run, or None on a shared listener (the
+        request's placeholder finds the run in `registry`, by default the loopback one's)."""
         rec = EgressRecord(ts=time.time(), host="", port=0, method="", allowed=False, reason="")
         started = False
         t0 = time.monotonic()
@@ -390,7 +414,7 @@ class ApiRelay:
             method, target = m[1], m[2]
             rec.method = method
             if route is None:
-                route = self._lookup(headers)
+                route = self._lookup(headers, self._endpoints if registry is None else registry)
             if route is None or not route.carries_placeholder(headers):
                 rec.reason = "api relay: no placeholder credential"
                 raise _Refused(

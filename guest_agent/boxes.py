@@ -50,6 +50,7 @@ from cowork.agent.v1 import box_pb2_grpc as bpb_grpc
 from cowork.agent.v1 import process_pb2 as pb
 
 from . import box_init
+from .api_relay import ApiRelay, Endpoint
 from .cgroups import RunCgroup
 from .errors import AgentError, invalid, not_found, precondition
 from .policy import BoxLimits, Limits
@@ -114,6 +115,8 @@ class Box:
     _reader: asyncio.Future[None] | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
+    # Runs in it that reach the Claude API through its relay listener, by placeholder.
+    routes: dict[str, Endpoint] = field(default_factory=dict)
 
     @property
     def alive(self) -> bool:
@@ -328,6 +331,8 @@ class Box:
         if self.run is not None:
             REAPER.end_run(self.run)
             self.run = None
+        for endpoint in list(self.routes.values()):
+            endpoint.close()
         if self.boxed is not None:
             self.boxed.close()
             self.boxed = None
@@ -406,8 +411,10 @@ class Boxes:
         sandbox: Sandbox | None,
         policy: Callable[[], BoxLimits],
         default_dir: Callable[[], str],
+        relay: ApiRelay | None = None,
     ) -> None:
         self.sandbox = sandbox
+        self.relay = relay
         self.policy = policy
         self.default_dir = default_dir
         self._boxes: dict[str, Box] = {}
@@ -492,6 +499,8 @@ class Boxes:
                 mode="bwrap",
                 cgroup=box.cgroup,
             )
+            if self.relay is not None:  # 127.0.0.1:3129 in the box: its runs' Claude API
+                launch.relay = self.relay.shared_handler(box.routes)
             box.run = REAPER.new_run()
             try:
                 box.popen = subprocess.Popen(

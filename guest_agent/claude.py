@@ -62,6 +62,8 @@ from cowork.defaults import KILL_GRACE_SECONDS
 
 from . import credentials as creds
 from .api_relay import ApiRelay, Endpoint, Route
+from .boxes import Box, Boxes
+from .cgroups import RunCgroup
 from .config import AgentConfig
 from .egress import OFFLINE, EgressLog
 from .errors import AgentError, denied, invalid, not_found, precondition
@@ -77,6 +79,7 @@ from .process import (
     drain,
     limits_of,
     pump,
+    spawn_in_box,
     start_offset,
     write_all,
 )
@@ -607,6 +610,7 @@ def _spawn(
     limits: Limits | None = None,
     mode: str | None = None,
     relay: Any = None,
+    cgroup: RunCgroup | None = None,
 ) -> tuple[Spawned, int]:
     """Start the CLI in a new session; return it and the write end of its stdin.
 
@@ -618,7 +622,7 @@ def _spawn(
     """
     launch: Launch | None = None
     if sandbox is not None:  # the sandbox switches user itself (and boxes it, per policy)
-        launch = sandbox.launch(argv, env, cwd, pty=False, limits=limits, mode=mode)
+        launch = sandbox.launch(argv, env, cwd, pty=False, limits=limits, mode=mode, cgroup=cgroup)
         launch.relay = relay
         argv, env = launch.argv, launch.env
     else:
@@ -680,6 +684,18 @@ def _spawn(
     return sp, w_in
 
 
+def _spawn_in_box(
+    box: Box, argv: list[str], cwd: str, env: dict[str, str], sandbox: Sandbox | None
+) -> tuple[Spawned, int]:
+    """The CLI in a named box (started by InBox.activate); it and the write end of its stdin."""
+    if sandbox is not None:
+        env = sandbox.run_env(env, box.mode)
+    sp = spawn_in_box(box, argv[0], argv, env, cwd, keep_stdin=True)
+    assert sp.stdin_fd is not None
+    stdin_fd, sp.stdin_fd = sp.stdin_fd, None
+    return sp, stdin_fd
+
+
 # -- the service ------------------------------------------------------------------------------
 @dataclass
 class _RunState:
@@ -704,8 +720,10 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         relay: ApiRelay | None = None,
         credentials: creds.CredentialStore | None = None,
         runs: Runs | None = None,
+        boxes: Boxes | None = None,
     ) -> None:
         self.cfg = cfg
+        self.boxes = boxes
         self.runs = runs if runs is not None else Runs(None, RunLimits)
         self.paths = paths
         self.sandbox = sandbox
@@ -852,6 +870,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             request.detach,
             prompt=request.prompt,
             cwd=request.cwd or self.paths.default_dir,
+            box=request.box,
         )
         if not request.detach:
             final: pb.AskEvent | None = None
@@ -986,26 +1005,49 @@ class ClaudeService(pb_grpc.ClaudeServicer):
             credential_source=credential.source,
             api=credential.upstream.url,
         )
-        mode = self.sandbox.mode() if self.sandbox is not None else "none"
+        box: Box | None = None
+        if request.box:
+            if self.boxes is None:
+                raise precondition("this agent has no named boxes")
+            box = self.boxes.get(request.box)
+            if limits is not None:
+                raise invalid(
+                    f"a box's processes share the box's limits: give them to `box new`, "
+                    f"not to a run in box {box.name}"
+                )
+            audit(box=box.name)
+        mode = (
+            box.mode
+            if box is not None
+            else self.sandbox.mode()
+            if self.sandbox is not None
+            else "none"
+        )
         route = Route(credential, boxed=mode == "bwrap")
         endpoint: Endpoint | None = None
         if route.boxed:
             env.update(route.env(RELAY_URL))
+            if box is not None:  # on the box's relay listener, which its runs share
+                endpoint = self.relay.register(route, box.routes)
         else:
             endpoint = await self.relay.serve_loopback(route)
             env.update(route.env(endpoint.base_url))
             _no_proxy_for_loopback(env)
         try:
-            sp, stdin_fd = _spawn(
-                argv,
-                cwd,
-                env,
-                user,
-                self.sandbox,
-                limits,
-                mode=mode,
-                relay=self.relay.handler(route) if route.boxed else None,
-            )
+            if box is not None and box.mode == "bwrap":
+                sp, stdin_fd = _spawn_in_box(box, argv, cwd, env, self.sandbox)
+            else:
+                sp, stdin_fd = _spawn(
+                    argv,
+                    cwd,
+                    env,
+                    user,
+                    self.sandbox,
+                    limits,
+                    mode=mode,
+                    relay=self.relay.handler(route) if route.boxed and box is None else None,
+                    cgroup=box.cgroup if box is not None else None,
+                )
         except BaseException:
             if endpoint is not None:
                 endpoint.close()
@@ -1249,10 +1291,11 @@ def register(
     relay: ApiRelay | None = None,
     credentials: creds.CredentialStore | None = None,
     runs: Runs | None = None,
+    boxes: Boxes | None = None,
 ) -> None:
     """Add the Claude service to `server` and tell Agent.Info how to report the CLI."""
     service = ClaudeService(
-        cfg, paths, sandbox=sandbox, relay=relay, credentials=credentials, runs=runs
+        cfg, paths, sandbox=sandbox, relay=relay, credentials=credentials, runs=runs, boxes=boxes
     )
     pb_grpc.add_ClaudeServicer_to_server(service, server)
     agent.claude_info = service.info

@@ -24,6 +24,7 @@ from cowork.agent.v1 import process_pb2 as pb
 
 from . import credentials as creds
 from .api_relay import ApiRelay, Endpoint, Handler, Route
+from .boxes import Box
 from .errors import invalid
 from .sandbox import RELAY_URL, Sandbox
 
@@ -61,8 +62,9 @@ class RelayGrant:
 
     @property
     def handler(self) -> Handler | None:
-        """What serves 127.0.0.1:3129 inside the box (None without a box)."""
-        return self.relay.handler(self.route) if self.boxed else None
+        """What serves 127.0.0.1:3129 inside the run's own box (None without a box, or in
+        a named box: its listener is the box's)."""
+        return self.relay.handler(self.route) if self.boxed and self.endpoint is None else None
 
     def apply(self, env: dict[str, str]) -> None:
         """Replace every credential and base URL of `env` by the placeholder and the relay."""
@@ -71,7 +73,7 @@ class RelayGrant:
         if self.boxed:
             env.update(self.route.env(RELAY_URL))
         else:
-            assert self.endpoint is not None
+            assert self.endpoint is not None and self.endpoint.port
             env.update(self.route.env(self.endpoint.base_url))
             no_proxy_for_loopback(env)
 
@@ -121,15 +123,19 @@ async def grant(
     store: creds.CredentialStore,
     relay: ApiRelay,
     sandbox: Sandbox | None,
+    box: Box | None = None,
 ) -> RelayGrant | None:
     """Check the request and register the process on the relay (close() the grant); None
-    when there is no credential: the process then gets none at all (see strip())."""
+    when there is no credential: the process then gets none at all (see strip()). In a
+    named `box`, on the box's relay listener."""
     credential = credential_of(msg, env, store)
     if credential is None:
         return None
-    mode = sandbox.mode() if sandbox is not None else "none"
+    mode = box.mode if box is not None else sandbox.mode() if sandbox is not None else "none"
     route = Route(credential, boxed=mode == "bwrap")
     out = RelayGrant(route, mode, relay)
-    if not route.boxed:
+    if box is not None and route.boxed:
+        out.endpoint = relay.register(route, box.routes)
+    elif not route.boxed:
         out.endpoint = await relay.serve_loopback(route)
     return out

@@ -429,22 +429,24 @@ class InBox(Spawned):
         super().close_fds()
 
 
-def _spawn_in_box(
+def spawn_in_box(
     box: Box,
     exe: str,
     argv: list[str],
     env: dict[str, str],
     cwd: str,
-    spec: pb.ProcessSpec,
     keep_stdin: bool,
+    pty: bool = False,
+    rows: int = 0,
+    cols: int = 0,
 ) -> InBox:
     """The stdio of a command for `box` (its start is InBox.activate)."""
     child_fds: list[int] = []
     try:
-        if spec.pty:
+        if pty:
             master, slave = os.openpty()
             child_fds.append(slave)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(spec.rows, spec.cols))
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(rows, cols))
             os.set_inheritable(master, False)
             _set_nonblocking(master)
             sp = InBox(
@@ -587,7 +589,9 @@ def spawn(
     if box is not None and box.mode == "bwrap":
         if sandbox is not None:
             env = sandbox.run_env(env, "bwrap")
-        return _spawn_in_box(box, exe, [exe, *argv[1:]], env, cwd, spec, keep_stdin)
+        return spawn_in_box(
+            box, exe, [exe, *argv[1:]], env, cwd, keep_stdin, spec.pty, spec.rows, spec.cols
+        )
     launch: Launch | None = None
     if sandbox is not None:
         launch = sandbox.launch(
@@ -1012,8 +1016,9 @@ class ProcessService(pb_grpc.ProcessServicer):
         grant: exec_relay.RelayGrant | None = None
         try:
             if spec.HasField("claude_relay"):
+                box = self.boxes.get(spec.box) if spec.box and self.boxes is not None else None
                 grant = await exec_relay.grant(
-                    spec.claude_relay, spec.env, self.credentials, self.relay, self.sandbox
+                    spec.claude_relay, spec.env, self.credentials, self.relay, self.sandbox, box
                 )
                 if grant is None:
                     audit(claude_relay="none")

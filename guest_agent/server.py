@@ -184,7 +184,10 @@ class AgentServer:
         caps.append("runs")
         # Named boxes: long-lived sandboxes that runs join (ProcessSpec.box).
         self.boxes = Boxes(
-            self.sandbox, lambda: self.policy.current.boxes, lambda: self.paths.default_dir
+            self.sandbox,
+            lambda: self.policy.current.boxes,
+            lambda: self.paths.default_dir,
+            self.relay,
         )
         caps.append("boxes")
         box_pb2_grpc.add_BoxServicer_to_server(BoxService(self.boxes), self.server)
@@ -219,6 +222,7 @@ class AgentServer:
             self.relay,
             self.credentials,
             self.runs,
+            self.boxes,
         )
         auth_pb2_grpc.add_AuthServicer_to_server(AuthService(self.credentials), self.server)
         self.health = Health()

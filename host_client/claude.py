@@ -301,6 +301,7 @@ def ask_request(
     forward_auth: bool = True,
     tool_result_limit: int = 0,
     detach: bool = False,
+    box: str | None = None,
 ) -> pb.AskRequest:
     """Build the Claude.Ask request (the keyword options of ask_claude/ask_stream)."""
 
@@ -333,6 +334,7 @@ def ask_request(
         env=run_env,
         tool_result_limit=tool_result_limit,
         detach=detach,
+        box=box or "",
     )
 
 

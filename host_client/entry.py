@@ -14,11 +14,12 @@ import os
 import sys
 
 _TARGET_OPTS = ("--target", "--token-file")
-_EXEC_OPTS = ("--cwd", "--env", "--timeout")
+_EXEC_OPTS = ("--cwd", "--env", "--timeout", "--box")
 
 
 def fast_exec(argv: list[str]) -> int | None:
-    """`[--target T] [--token-file F] exec [--cwd D] [--env K=V]... [--timeout S] -- CMD...`
+    """`[--target T] [--token-file F] exec [--cwd D] [--env K=V]... [--timeout S] [--box B]
+    -- CMD...`
     through a running mux, without argparse or grpc; None = not possible (anything else on
     the line, no mux, COWORK_MUX=0): the full CLI takes over."""
     if os.environ.get("COWORK_MUX") == "0":
@@ -53,12 +54,16 @@ def fast_exec(argv: list[str]) -> int | None:
             if not seconds > 0:
                 return None  # the full parser says why
             req["timeout"] = seconds
+        elif flag == "--box":
+            req["box"] = value
         else:
             req["cwd"] = value
         i += 2
     command = argv[i + 1 :]
     if not command:
         return None
+    if "box" not in req and os.environ.get("COWORK_BOX"):
+        req["box"] = os.environ["COWORK_BOX"]
     from . import mux
 
     found = mux.fast_key(opts.get("--target"), opts.get("--token-file"))

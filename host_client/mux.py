@@ -11,7 +11,7 @@ that user can reach it, as with the token file), and its name is derived from
 the target *and* the token, so a mux never serves a different token's target.
 
 Frames, both ways: 1 byte kind + 4 bytes big-endian length + payload.
-    client -> mux:  R {argv, env, cwd, timeout, limits}   then I <stdin bytes>..., E (EOF)
+    client -> mux:  R {argv, env, cwd, timeout, limits, box}   then I <stdin bytes>..., E (EOF)
     mux -> client:  O <stdout>  e <stderr>  X {code, oom_killed}  F {message, exit}
 """
 
@@ -233,6 +233,7 @@ def _serve_one(client: Any, conn: socket.socket) -> None:
             cwd=req.get("cwd") or None,
             timeout=req.get("timeout") or None,
             limits=req.get("limits") or None,
+            box=req.get("box") or None,
         )
         threading.Thread(target=_cancel_on_hangup, args=(conn, stdin, stream), daemon=True).start()
         code = 1

@@ -68,6 +68,7 @@ def run_pty_session(
     timeout: float | None = None,
     limits: Mapping[str, float] | None = None,
     claude_relay: ClaudeRelay | None = None,
+    box: str | None = None,
 ) -> int:
     """Run `argv` on a remote PTY wired to this terminal; return the shell-style exit code.
 
@@ -89,6 +90,7 @@ def run_pty_session(
         timeout=timeout,
         limits=limits,
         claude_relay=claude_relay,
+        box=box,
     )
     stdin_fd = sys.stdin.fileno()
     out = sys.stdout.buffer

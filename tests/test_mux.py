@@ -146,3 +146,29 @@ def test_killed_client_of_the_mux_leaves_no_remote_process(
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert wait_until(lambda: not _named(marker), 5)
+
+
+def test_exec_into_a_box_through_the_mux_does_not_load_grpc(
+    agent: AgentProc, mux: dict[str, str]
+) -> None:
+    name = f"mux-{os.getpid()}"
+    assert ctl(agent, mux, "box", "new", name).returncode == 0
+    try:
+        r = ctl(
+            agent,
+            mux,
+            "exec",
+            "--box",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "echo in-box; exit 4",
+            py=[sys.executable, "-X", "importtime"],
+        )
+        assert (r.returncode, r.stdout) == (4, b"in-box\n")
+        assert not imported_grpc(r)
+        r = ctl(agent, mux, "exec", "--box", "not-a-box", "--", "true")
+        assert r.returncode == 1 and b"no box named not-a-box" in r.stderr
+    finally:
+        ctl(agent, mux, "box", "rm", name)

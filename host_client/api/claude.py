@@ -27,6 +27,7 @@ from ..claude import (
     version_dict,
 )
 from .connection import Connection
+from .process import BOXES_FEATURE
 
 FEATURE = "Claude Code runs"
 RUNS_FEATURE = "runs with ids: detach, attach, list, kill"
@@ -47,7 +48,8 @@ class Claude:
         Options: cwd, model, max_turns, max_budget_usd, permission_mode,
         allowed_tools, disallowed_tools, append_system_prompt, resume,
         continue_session, session_id, fork_session, include_partial_messages,
-        timeout, env, forward_auth, tool_result_limit (host_client.claude.ask_request).
+        timeout, env, forward_auth, tool_result_limit, detach, box
+        (host_client.claude.ask_request).
         """
         return self.stream(prompt, **options).collect()
 
@@ -57,6 +59,8 @@ class Claude:
         self._conn.require("claude", FEATURE)
         if request.detach:
             self._conn.require("runs", RUNS_FEATURE)
+        if request.box:
+            self._conn.require("boxes", BOXES_FEATURE)
         return AskStream(self._conn, self._stub(), request)
 
     def attach(self, run_id: str, *, from_offset: int = 0, tail: bool = False) -> AskStream:

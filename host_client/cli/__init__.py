@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "host_client.cli.local_cmd",
     "host_client.cli.claude_cmd",
     "host_client.cli.runs_cmd",
+    "host_client.cli.box_cmd",
     "host_client.cli.auth_cmd",
     "host_client.cli.lima_cmd",
     "host_client.cli.snapshot_cmd",

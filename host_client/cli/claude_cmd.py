@@ -9,6 +9,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .box_cmd import box_option
 from .common import CliError, fail, make_client, print_json
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ def register(sub: Any) -> None:
         help="start it detached: print the run's id and leave it going (coworkctl attach ID)",
     )
     p.add_argument("--show-logs", action="store_true", help="also show the CLI's stderr lines")
+    box_option(p)
     p.set_defaults(func=cmd_ask)
 
     c = sub.add_parser(
@@ -116,6 +118,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("--cwd", help="working directory in the sandbox (default: the workspace root)")
+    box_option(c)
     c.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS...", help="claude arguments")
     c.set_defaults(func=cmd_claude)
 
@@ -174,6 +177,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             env=env,
             detach=args.detach,
+            box=args.box,
         )
         if args.detach:
             return _detached(stream)
@@ -452,6 +456,7 @@ def cmd_claude(args: argparse.Namespace) -> int:
             env=env,
             cwd=args.cwd,
             claude_relay=ClaudeRelay.from_env(),
+            box=args.box,
         )
     finally:
         client.close()

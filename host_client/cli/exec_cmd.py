@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from .box_cmd import box_option
 from .common import CliError, fail, make_client
 
 EXEC_HELP = """\
@@ -24,6 +25,7 @@ examples:
   coworkctl exec --cwd /workspace/app --env DEBUG=1 -- make test
   tar c src | coworkctl exec -- tar x -C /workspace
   coworkctl exec -t -- htop
+  coworkctl exec --box web -- curl -s 127.0.0.1:3000   # inside a named box
 """
 
 
@@ -50,6 +52,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--pids", type=int, metavar="N", help="most processes/threads at once")
     p.add_argument("--cpus", type=float, metavar="N", help="CPU limit in CPUs, e.g. 1.5")
+    box_option(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- ARGV...", help="the command")
     p.set_defaults(func=cmd_exec)
 
@@ -60,6 +63,7 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--cwd", help="start directory (default: the workspace root)")
     s.add_argument("--shell", default="/bin/bash", help="shell to run (default /bin/bash)")
+    box_option(s)
     s.set_defaults(func=cmd_shell)
 
 
@@ -118,7 +122,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
             from ..terminal import run_pty_session
 
             return run_pty_session(
-                client, argv, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits
+                client,
+                argv,
+                env=env,
+                cwd=args.cwd,
+                timeout=args.timeout,
+                limits=limits,
+                box=args.box,
             )
         return _exec_pipes(client, argv, env, args, limits)
     except NotFound as exc:
@@ -159,7 +169,13 @@ def _exec_pipes(
     if args.interactive or not sys.stdin.isatty():
         stdin = raw_stdin()
     stream = client.exec(
-        argv, stdin=stdin, env=env, cwd=args.cwd, timeout=args.timeout, limits=limits
+        argv,
+        stdin=stdin,
+        env=env,
+        cwd=args.cwd,
+        timeout=args.timeout,
+        limits=limits,
+        box=args.box,
     )
     out, err = sys.stdout.buffer, sys.stderr.buffer
     code = 1
@@ -203,6 +219,7 @@ def _exec_detached(
         cols=cols,
         term=os.environ.get("TERM", "") if args.tty else "",
         detach=True,
+        box=args.box,
     )
     events = iter(stream)
     try:
@@ -221,6 +238,6 @@ def cmd_shell(args: argparse.Namespace) -> int:
         fail("shell needs a terminal; use 'coworkctl exec -- CMD' from scripts", 2)
     client = make_client(args)
     try:
-        return run_pty_session(client, [args.shell, "-l"], cwd=args.cwd)
+        return run_pty_session(client, [args.shell, "-l"], cwd=args.cwd, box=args.box)
     finally:
         client.close()

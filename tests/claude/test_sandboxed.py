@@ -24,7 +24,7 @@ from tests.claude.conftest import (
     delete_run_as_user,
     make_claude_agent,
 )
-from tests.claude.fake_anthropic import FakeAnthropic, Text
+from tests.claude.fake_anthropic import FakeAnthropic, Text, ToolUse
 from tests.claude.tls_ca import TestCA, make_test_ca
 
 pytestmark = pytest.mark.timeout(180)
@@ -130,3 +130,95 @@ def test_coworkctl_claude_and_exec_tty_work_inside_the_box(boxed_claude: ClaudeA
     code, out = run_on_pty([*base, "exec", "-t", "--", "sh", "-c", probe], env)
     assert code == 5, out
     assert str(boxed_claude.run_as) in out and "on-a-tty" in out and "Seccomp:\t2" in out
+
+
+# -- in a named box (issue #12) ------------------------------------------------------------
+def test_ask_in_a_named_box_runs_in_it_and_keeps_the_key_out(
+    boxed_claude: ClaudeAgent, api: FakeAnthropic
+) -> None:
+    from host_client.claude import ToolResult
+    from tests.claude.test_credential import look_everywhere
+
+    wd = boxed_claude.workdir("named-box")
+    with boxed_claude.client() as c:
+        c.boxes.create("claude-box")
+        try:
+            assert c.run("echo left-by-an-exec > /tmp/marker", box="claude-box").exit_code == 0
+            command = "cat /tmp/marker; " + look_everywhere(FAKE_KEY)
+            api.script(ToolUse("Bash", {"command": command}), Text("looked in the box"))
+            events = list(
+                c.ask_stream(
+                    "look",
+                    cwd=str(wd),
+                    env=_env(api),
+                    box="claude-box",
+                    permission_mode="bypassPermissions",
+                )
+            )
+            [box] = c.boxes.list()
+        finally:
+            c.boxes.remove("claude-box")
+    final = events[-1]
+    assert isinstance(final, ClaudeResult) and not final.is_error, events
+    assert final.result == "looked in the box"
+    shown = [ev.content for ev in events if isinstance(ev, ToolResult)]
+    assert shown and shown[0].startswith("left-by-an-exec\n"), shown  # the box's /tmp
+    found = dict(kv.split("=", 1) for kv in shown[0].split("\n")[1].split())
+    assert found["secret"] == "0" and int(found["placeholder"]) > 0, found
+    assert "ANTHROPIC_BASE_URL=http://127.0.0.1:3129" in shown[0]
+    assert box.runs == 2  # the exec, then the CLI
+
+
+def test_detached_ask_in_a_named_box_is_listed_with_the_box(
+    boxed_claude: ClaudeAgent, api: FakeAnthropic
+) -> None:
+    api.script(Text("detached in a box"))
+    wd = boxed_claude.workdir("named-box-detached")
+    with boxed_claude.client() as c:
+        c.boxes.create("claude-detached")
+        try:
+            stream = c.claude.stream(
+                "hi", cwd=str(wd), env=_env(api), box="claude-detached", detach=True
+            )
+            next(iter(stream))
+            stream.cancel()
+            assert stream.run_id
+            done = c.process.wait(stream.run_id)
+            replay = list(c.claude.attach(stream.run_id, from_offset=0))
+        finally:
+            c.boxes.remove("claude-detached")
+    assert done.box == "claude-detached" and done.exit is not None and done.exit.code == 0
+    assert isinstance(replay[-1], ClaudeResult) and replay[-1].result == "detached in a box"
+
+
+def test_exec_with_the_claude_relay_in_a_named_box_reaches_the_api_with_the_real_key(
+    boxed_claude: ClaudeAgent, api: FakeAnthropic
+) -> None:
+    """`coworkctl claude --box`'s path: the box's own relay listener, the placeholder only."""
+    from host_client.claude_relay import ClaudeRelay
+
+    api.script(Text("relayed"))
+    post = (
+        "import os, urllib.request\n"
+        "req = urllib.request.Request(os.environ['ANTHROPIC_BASE_URL'] + '/v1/messages',\n"
+        '    data=b\'{"model": "m", "max_tokens": 5, "messages": '
+        '[{"role": "user", "content": "hi"}]}\',\n'
+        "    headers={'x-api-key': os.environ['ANTHROPIC_API_KEY'],\n"
+        "             'content-type': 'application/json', 'anthropic-version': '2023-06-01'})\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "print(opener.open(req, timeout=10).status)\n"
+        "print('key-seen' if os.environ['ANTHROPIC_API_KEY'] == os.environ.get('REAL', '') "
+        "else 'placeholder')\n"
+    )
+    relay = ClaudeRelay("api_key", FAKE_KEY, f"https://{API_NAME}:{api.port}")
+    with boxed_claude.client() as c:
+        c.boxes.create("relay-box")
+        try:
+            r = c.exec(
+                ["/usr/bin/python3", "-c", post], claude_relay=relay, box="relay-box"
+            ).collect()
+        finally:
+            c.boxes.remove("relay-box")
+    assert r.exit_code == 0, r.error
+    assert r.output.split() == ["200", "placeholder"]
+    assert ("x-api-key", FAKE_KEY) in api.credentials

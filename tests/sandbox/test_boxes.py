@@ -7,6 +7,7 @@ second exec into it), not only for the box's first process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -381,3 +382,58 @@ def test_disconnected_client_leaves_no_process_of_its_exec_in_the_box(
         assert wait_until(lambda: not _pids_with(marker), 10), _pids_with(marker)
     finally:
         proc.kill()
+
+
+# -- the CLI -------------------------------------------------------------------------------
+def test_cli_box_new_exec_ls_rm(boxed: AgentProc) -> None:
+    from tests.test_cli import ctl
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    r = ctl(boxed, "box", "new", name, "--pids", "256")
+    assert (r.returncode, r.stdout) == (0, f"{name}\n".encode()), r.stderr
+    r = ctl(boxed, "exec", "--box", name, "--", "sh", "-c", "echo kept > /tmp/k; exit 3")
+    assert r.returncode == 3
+    r = ctl(boxed, "exec", "--box", name, "--", "cat", "/tmp/k")
+    assert (r.returncode, r.stdout) == (0, b"kept\n")
+    r = ctl(boxed, "box", "ls")
+    assert r.returncode == 0
+    [line] = [ln for ln in r.stdout.decode().splitlines() if ln.startswith(name)]
+    assert "ready" in line and "bwrap" in line and "pids 256" in line
+    r = ctl(boxed, "--json", "box", "ls")
+    [info] = [b for b in json.loads(r.stdout) if b["name"] == name]
+    assert info["runs"] == 2 and info["limits"]["pids"] == 256
+    r = ctl(boxed, "box", "rm", name)
+    assert (r.returncode, r.stdout) == (0, f"{name}\n".encode())
+    assert name not in ctl(boxed, "box", "ls").stdout.decode()
+
+
+def test_cli_box_comes_from_cowork_box_when_not_given(boxed: AgentProc, box: BoxHandle) -> None:
+    from tests.test_cli import ctl
+
+    ctl(boxed, "exec", "--box", box.name, "--", "sh", "-c", "echo env-box > /tmp/e")
+    r = ctl(boxed, "exec", "--", "cat", "/tmp/e", env={"COWORK_BOX": box.name})
+    assert (r.returncode, r.stdout) == (0, b"env-box\n"), r.stderr
+
+
+def test_cli_exec_into_an_unknown_box_is_one_line_and_exit_1(boxed: AgentProc) -> None:
+    from tests.test_cli import ctl, one_line_error
+
+    r = ctl(boxed, "exec", "--box", "nope", "--", "true")
+    assert r.returncode == 1
+    assert "no box named nope" in one_line_error(r)
+
+
+def test_cli_box_new_with_a_bad_name_or_twice_is_one_line(boxed: AgentProc, box: BoxHandle) -> None:
+    from tests.test_cli import ctl, one_line_error
+
+    r = ctl(boxed, "box", "new", "Bad/Name")
+    assert r.returncode != 0 and "invalid box name" in one_line_error(r)
+    r = ctl(boxed, "box", "new", box.name)
+    assert r.returncode != 0 and "exists already" in one_line_error(r)
+
+
+def test_cli_box_rm_of_an_unknown_box_is_one_line_and_exit_1(boxed: AgentProc) -> None:
+    from tests.test_cli import ctl, one_line_error
+
+    r = ctl(boxed, "box", "rm", "never-there")
+    assert r.returncode == 1 and "no box named never-there" in one_line_error(r)
