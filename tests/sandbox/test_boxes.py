@@ -437,3 +437,85 @@ def test_cli_box_rm_of_an_unknown_box_is_one_line_and_exit_1(boxed: AgentProc) -
 
     r = ctl(boxed, "box", "rm", "never-there")
     assert r.returncode == 1 and "no box named never-there" in one_line_error(r)
+
+
+# -- endurance -----------------------------------------------------------------------------
+def test_thousands_of_execs_and_boxes_leave_the_agent_and_the_box_as_they_were(
+    sandbox_user: str,
+) -> None:
+    """2,000 execs into one box (plain, stdin, PTY, failing, cancelled, timed out) and 50 boxes
+    made and removed: the agent's fds, threads and children, and the box's first process's
+    fds and children, come back to where they were."""
+    from tests.resources import footprint
+
+    agent = make_boxed_agent(sandbox_user)
+    try:
+        with agent.client() as c:
+            box = c.box("soak", create=True)
+            box.run("true")
+            first_pid = box.info().pid
+            base = footprint(agent.pid)
+            init_base = _box_init_footprint(first_pid)
+            for i in range(2000):
+                kind = i % 8
+                if kind == 0:
+                    r = box.run(["cat"], stdin=b"x" * 1000)
+                    assert r.output == "x" * 1000
+                elif kind == 1:
+                    stream = box.exec(["sh", "-c", "echo pty"], pty=True)
+                    assert b"pty" in b"".join(e.data for e in stream if isinstance(e, Output))
+                elif kind == 2:
+                    with pytest.raises(NotFound):
+                        box.run(["no-such-command"])
+                elif kind == 3:
+                    stream = box.exec(["sleep", "30"])
+                    assert isinstance(next(iter(stream)), Started)
+                    stream.cancel()
+                elif kind == 4 and i % 80 == 4:
+                    assert box.run(["sleep", "5"], timeout=0.05).timed_out
+                else:
+                    assert box.run(["sh", "-c", "exit 3"]).exit_code == 3
+            for i in range(50):
+                other = c.box(f"cycle-{i}", create=True)
+                assert other.run("echo hi").output == "hi\n"
+                other.remove()
+
+            def settled() -> bool:
+                now = footprint(agent.pid)
+                return (
+                    now.fds <= base.fds
+                    and now.threads <= base.threads
+                    and now.children <= base.children
+                    and now.zombies == 0
+                    and _box_init_footprint(first_pid) == init_base
+                )
+
+            assert wait_until(settled, 15), (
+                base,
+                footprint(agent.pid),
+                init_base,
+                _box_init_footprint(first_pid),
+            )
+            [left] = c.boxes.list()
+            # Every exec but the 250 refused before the box was asked (command not found).
+            assert left.name == "soak" and left.active == 0 and left.runs == 2001 - 250
+    finally:
+        agent.stop()
+
+
+def _box_init_footprint(bwrap_pid: int) -> tuple[int, int]:
+    """(fds, live children) of the box's first process (bwrap's reaper's child)."""
+    from tests.resources import descendants
+
+    kids = [p for p, _ in descendants(bwrap_pid)]
+    init = min(p for p in kids if "-I -S /proc/self/fd/" in _cmdline(p))
+    fds = len(os.listdir(f"/proc/{init}/fd"))
+    return fds, len(descendants(init))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
