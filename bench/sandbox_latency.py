@@ -7,7 +7,10 @@ interleaved (a, b, c, a, b, c, ...) so machine noise hits all alike:
 - `root`:  --allow-root, sandbox none (what the agent did before the second wall),
 - `user`:  --run-as a fresh unprivileged user, sandbox none (setpriv only),
 - `bwrap`: --run-as that user, policy `sandbox: bwrap` (setpriv + bubblewrap +
-  seccomp + the egress bridge into the box's network namespace).
+  seccomp + the egress bridge into the box's network namespace), a new box per exec;
+- `box`: the same agent, each exec into one existing named box (`--box`): one fork
+  of the box's first process and an execve, nothing built per call.
+Writes bench/results/sandbox_latency.json with --save.
 Needs root (it creates and removes the user) and bubblewrap.
 """
 
@@ -44,14 +47,17 @@ def measure(calls: int, warmup: int = 20) -> dict[str, Any]:
         agents["user"] = make_agent(["--run-as", user])
         agents["bwrap"] = make_agent(["--run-as", user, "--policy", str(policy)])
         clients = {k: a.client() for k, a in agents.items()}
-        for c in clients.values():
+        clients["box"] = agents["bwrap"].client()
+        clients["box"].boxes.create("bench")
+        for name, c in clients.items():
             for _ in range(warmup):
-                assert c.run(["/bin/true"]).exit_code == 0
-        samples: dict[str, list[float]] = {k: [] for k in agents}
+                assert c.run(["/bin/true"], box="bench" if name == "box" else None).exit_code == 0
+        samples: dict[str, list[float]] = {k: [] for k in clients}
         for _ in range(calls):
             for name, c in clients.items():
+                in_box = "bench" if name == "box" else None
                 t0 = time.perf_counter()
-                r = c.run(["/bin/true"])
+                r = c.run(["/bin/true"], box=in_box)
                 samples[name].append((time.perf_counter() - t0) * 1000)
                 assert r.exit_code == 0
         for c in clients.values():
@@ -70,6 +76,7 @@ def measure(calls: int, warmup: int = 20) -> dict[str, Any]:
             "p99_ms": round(_pct(xs, 0.99), 3),
         }
     out["bwrap_adds_p50_ms"] = round(out["bwrap"]["p50_ms"] - out["root"]["p50_ms"], 3)
+    out["box_adds_p50_ms"] = round(out["box"]["p50_ms"] - out["root"]["p50_ms"], 3)
     out["user_switch_adds_p50_ms"] = round(out["user"]["p50_ms"] - out["root"]["p50_ms"], 3)
     return out
 
@@ -78,19 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", action="store_true", help="write bench/results/sandbox_latency.json")
     args = p.parse_args(argv)
     res = measure(args.calls)
+    if args.save:
+        out = REPO / "bench" / "results" / "sandbox_latency.json"
+        out.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:
         print(json.dumps(res))
         return 0
     print(f"exec /bin/true through the agent, {res['calls']} interleaved calls each (ms)")
     print(f"{'path':8} {'p50':>8} {'p90':>8} {'p99':>8}")
-    for name in ("root", "user", "bwrap"):
+    for name in ("root", "user", "bwrap", "box"):
         r = res[name]
         print(f"{name:8} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f}")
     print(
         f"user switch adds {res['user_switch_adds_p50_ms']:.2f} ms, "
-        f"the bwrap sandbox adds {res['bwrap_adds_p50_ms']:.2f} ms (p50)"
+        f"the bwrap sandbox adds {res['bwrap_adds_p50_ms']:.2f} ms, an exec into an "
+        f"existing box {res['box_adds_p50_ms']:.2f} ms (p50)"
     )
     return 0
 

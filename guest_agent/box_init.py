@@ -48,6 +48,8 @@ def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    for fd in fds:  # received inheritable: only a command's own stdio may reach it
+        os.set_inheritable(fd, False)
     return msg, list(fds)
 
 
@@ -121,6 +123,9 @@ def _spawn(sock: socket.socket, req: dict[str, object], fds: list[int], started:
     finally:
         if fds:
             os.close(fds[0])
+    if not pty:
+        _posix_spawn(sock, rid, spec, stdio, started)
+        return
     try:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
@@ -159,8 +164,49 @@ def _spawn(sock: socket.socket, req: dict[str, object], fds: list[int], started:
         os.close(pidfd)
 
 
+def _posix_spawn(
+    sock: socket.socket, rid: object, spec: dict[str, object], stdio: list[int], started: set[int]
+) -> None:
+    """A command on pipes: posix_spawn (vfork + exec in the C library), ~0.4 ms less than a
+    fork of this interpreter. The working directory is set here first (the child inherits
+    it); every fd of ours is close-on-exec, so the child gets only stdio."""
+    try:
+        where = "chdir"
+        os.chdir(str(spec["cwd"]))
+        where = "exec"
+        argv = [str(a) for a in spec["argv"]]  # type: ignore[attr-defined]
+        env = {str(k): str(v) for k, v in spec["env"].items()}  # type: ignore[attr-defined]
+        pid = os.posix_spawn(
+            str(spec["exe"]),
+            argv,
+            env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, number) for number, fd in enumerate(stdio)],
+            setsid=True,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGINT),
+        )
+    except OSError as exc:
+        _send(sock, {"id": rid, "error": exc.errno or errno.EIO, "where": where})
+        return
+    finally:
+        os.chdir("/")
+        for fd in stdio:
+            os.close(fd)
+    started.add(pid)
+    pidfd = os.pidfd_open(pid)
+    try:
+        _send(sock, {"id": rid, "pid": pid}, [pidfd])
+    finally:
+        os.close(pidfd)
+
+
 def main() -> None:
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    control = int(sys.argv[1])
+    # Whatever else came in (the memfd this program was read from): closed, so that a
+    # command started with posix_spawn inherits nothing but its stdio.
+    os.closerange(3, control)
+    os.closerange(control + 1, 1 << 16)
+    os.set_inheritable(control, False)
+    sock = socket.socket(fileno=control)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)

@@ -97,7 +97,7 @@ def test_ratios_and_targets_well_formed(tiny_run: Path) -> None:
     assert meta["versions"]["grpcio"] and meta["machine"]["cpus"]
 
 
-def test_sandbox_latency_script_measures_all_three_paths() -> None:
+def test_sandbox_latency_script_measures_all_four_paths() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.sandbox_latency", "--calls", "5", "--json"],
         cwd=REPO,
@@ -107,6 +107,6 @@ def test_sandbox_latency_script_measures_all_three_paths() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
-    for path in ("root", "user", "bwrap"):
+    for path in ("root", "user", "bwrap", "box"):
         assert res[path]["p50_ms"] > 0
-    assert "bwrap_adds_p50_ms" in res
+    assert "bwrap_adds_p50_ms" in res and "box_adds_p50_ms" in res

@@ -519,3 +519,13 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.parametrize("pty", [False, True], ids=["pipes", "pty"])
+def test_a_joined_process_inherits_nothing_but_its_stdio(box: BoxHandle, pty: bool) -> None:
+    """No fd of the box's first process (its socket to the agent, the program it was read
+    from) reaches a command; the listing's own directory fd is the only other one."""
+    probe = "import os; print(sorted(int(x) for x in os.listdir('/proc/self/fd')))"
+    stream = box.exec([PY, "-c", probe], pty=pty)
+    out = b"".join(ev.data for ev in stream if isinstance(ev, Output)).decode()
+    assert out.strip() == "[0, 1, 2, 3]"
