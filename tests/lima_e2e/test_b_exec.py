@@ -49,3 +49,37 @@ def test_a_persistent_client_reuses_one_channel_for_many_calls(vm: LimaHost) -> 
         results = [c.execute_in_vm(f"echo {i}") for i in range(20)]
     assert [r.output.strip() for r in results] == [str(i) for i in range(20)]
     assert all(r.exit_code == 0 for r in results)
+
+
+def test_a_named_box_keeps_a_server_between_coworkctl_execs(vm: LimaHost) -> None:
+    """Issue #12 through lima:NAME: `box new`, a server one exec starts answers the next,
+    /tmp persists, the box is listed, and `box rm` ends it."""
+    import json
+
+    assert coworkctl_ok(vm, "box", "new", "e2e", "--pids", "512").strip() == "e2e"
+    try:
+        serve = (
+            'python3 -c \'import http.server as h; h.HTTPServer(("127.0.0.1", 8765), '
+            "h.SimpleHTTPRequestHandler).serve_forever()' >/dev/null 2>&1 & "
+            "echo served > /tmp/note"
+        )
+        coworkctl_ok(vm, "exec", "--box", "e2e", "--", "sh", "-c", serve)
+        probe = (
+            "for i in $(seq 50); do "
+            "curl -s --noproxy '*' -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/ "
+            "&& exit 0; sleep 0.2; done; exit 1"
+        )
+        assert coworkctl_ok(vm, "exec", "--box", "e2e", "--", "sh", "-c", probe) == "200"
+        assert coworkctl_ok(vm, "exec", "--box", "e2e", "--", "cat", "/tmp/note") == "served\n"
+        # Outside the box, neither the server's /tmp nor its loopback is there.
+        r = vm.coworkctl("exec", "--", "cat", "/tmp/note")
+        assert r.returncode != 0
+        [info] = [
+            b for b in json.loads(coworkctl_ok(vm, "--json", "box", "ls")) if b["name"] == "e2e"
+        ]
+        assert info["state"] == "ready" and info["sandbox"] == "bwrap"
+        assert info["limits"]["pids"] == 512 and info["runs"] == 3
+    finally:
+        coworkctl_ok(vm, "box", "rm", "e2e")
+    r = vm.coworkctl("exec", "--box", "e2e", "--", "true")
+    assert r.returncode == 1 and b"no box named e2e" in r.stderr

@@ -127,3 +127,37 @@ def test_guest_egress_is_refused_without_an_allowlisted_name(vm: VM, vclient: Co
     assert r.output.split() == ["lo"]
     log = vm.ssh("cat /var/log/cowork/egress.jsonl").stdout.decode()
     assert "example.invalid" in log
+
+
+def test_guest_box_is_one_cgroup_with_its_limits_and_goes_with_the_box(
+    vm: VM, vclient: CoworkClient
+) -> None:
+    """A named box (issue #12) in a cgroup v2 guest: its pids.max holds for everything in it
+    together (two execs share it), a joined process sees the box's cgroup namespace, and
+    `remove` takes the cgroup away."""
+    box = vclient.box("vmbox", create=True, limits={"pids": 30})
+    try:
+        pid = box.info().pid
+        path = vm.ssh(f"cat /proc/{pid}/cgroup").stdout.decode().strip().split("::", 1)[1]
+        cg = f"/sys/fs/cgroup{path}"
+        assert vm.ssh(f"cat {cg}/pids.max").stdout.decode().strip() == "30"
+        assert box.run("cat /proc/self/cgroup").output == "0::/\n"
+        # 20 sleepers from one exec, then a second exec cannot start 20 more: one budget.
+        box.run("for i in $(seq 20); do sleep 60 & done")
+        script = (
+            "import os\n"
+            "n = 0\n"
+            "try:\n"
+            "    while n < 20:\n"
+            "        if os.fork() == 0:\n"
+            "            import time; time.sleep(60); os._exit(0)\n"
+            "        n += 1\n"
+            "except OSError as e:\n"
+            "    print('stopped', n, e.errno)\n"
+        )
+        r = box.run(["python3", "-c", script], timeout=60)
+        word, count, err = r.output.split()
+        assert word == "stopped" and int(count) < 10 and err == "11", r.output
+    finally:
+        box.remove()
+    assert vm.ssh(f"test -e {cg} && echo there || echo gone").stdout.decode().strip() == "gone"
