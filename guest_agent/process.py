@@ -1230,6 +1230,8 @@ class ProcessService(pb_grpc.ProcessServicer):
         return rec.info()
 
     async def Run(self, request: pb.RunRequest, context: Context) -> pb.RunResponse:
+        """Exec's runner (`_exec`: spawn, watchdog, teardown, reaping), its output kept in
+        memory up to the cap instead of streamed."""
         spec = pb.ProcessSpec()
         spec.CopyFrom(request.spec)
         spec.pty = False
@@ -1242,20 +1244,12 @@ class ProcessService(pb_grpc.ProcessServicer):
                 f"output_limit must be at most {RUN_OUTPUT_LIMIT} bytes (both streams come back "
                 "in one gRPC message; Exec streams any amount)"
             )
+        spec.stdin = bool(request.stdin)
         limit = request.output_limit or RUN_OUTPUT_LIMIT
-        sp = spawn(
-            spec,
-            self.paths,
-            keep_stdin=bool(request.stdin),
-            sandbox=self.sandbox,
-            boxes=self.boxes,
-        )
-        await sp.activate(self.sandbox, self.kill_grace)
         buffers: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         truncated = {"stdout": False, "stderr": False}
 
         def collect(name: str, data: bytes) -> None:
-            add_bytes(f"{name}_bytes", len(data))
             buf = buffers[name]
             kept = len(buffers["stdout"]) + len(buffers["stderr"])
             room = min(limit - len(buf), RUN_OUTPUT_LIMIT - kept)
@@ -1264,55 +1258,32 @@ class ProcessService(pb_grpc.ProcessServicer):
             if room > 0:
                 buf += data[:room]
 
-        async def feed() -> None:
-            if sp.stdin_fd is None:
-                return
-            try:
-                await write_all(sp.stdin_fd, request.stdin)
-            except BrokenPipeError:
-                pass
-            sp.close_stdin()
+        async def stdin() -> AsyncIterator[pb.ExecRequest]:
+            data = memoryview(request.stdin)
+            for i in range(0, len(data), OUTPUT_CHUNK):
+                yield pb.ExecRequest(stdin=bytes(data[i : i + OUTPUT_CHUNK]))
+            # The end of the messages is EOF on stdin (see _exec).
 
-        timed_out = False
-        watch = PipeWatch()
-        readers = asyncio.gather(*(pump(fd, name, collect, watch) for name, fd in sp.out_fds))
-        work = asyncio.gather(feed(), readers)
-        clear = asyncio.ensure_future(self._exit_then_clear(sp))
-        try:
-            try:
-                timeout = request.spec.timeout_ms / 1000 if request.spec.timeout_ms else None
-                await asyncio.wait_for(sp.wait_exited(), timeout)
-            except asyncio.TimeoutError:
-                timed_out = True
-                await sp.teardown(self.kill_grace)
-            await clear
-            # Nothing of the run is left: a pipe still open is held from outside it.
-            await drain(readers, watch, PIPE_DRAIN_SECONDS)
-            if readers.done() and not readers.cancelled():
-                readers.result()  # a read error surfaces (cut readers may still be unwinding)
-            work.cancel()  # the process is gone: stdin it did not take never will be
-            exit_msg = sp.exit_message(timed_out=timed_out)
-        finally:
-            work.cancel()
-            clear.cancel()
-            await sp.teardown(self.kill_grace)
-            await asyncio.gather(work, clear, return_exceptions=True)
-            sp.close_fds()
-        audit(
-            exit_code=exit_msg.code,
-            signal=exit_msg.signal,
-            timed_out=timed_out,
-            oom_killed=exit_msg.oom_killed,
-        )
+        cwd = spec.cwd or self.paths.default_dir
+        rec = self.runs.create("exec", False, argv=_argv(spec), cwd=cwd, box=spec.box)
+        pid = 0
+        exit_msg: pb.Exit | None = None
+        async for resp in self._exec(spec, stdin(), rec):
+            kind = resp.WhichOneof("msg")
+            if kind == "stdout":
+                collect("stdout", resp.stdout)
+            elif kind == "stderr":
+                collect("stderr", resp.stderr)
+            elif kind == "started":
+                pid = resp.started.pid
+            elif kind == "exit":
+                exit_msg = resp.exit
+        assert exit_msg is not None
         return pb.RunResponse(
             stdout=bytes(buffers["stdout"]),
             stderr=bytes(buffers["stderr"]),
             stdout_truncated=truncated["stdout"],
             stderr_truncated=truncated["stderr"],
             exit=exit_msg,
-            pid=sp.pid,
+            pid=pid,
         )
-
-    async def _exit_then_clear(self, sp: Spawned) -> None:
-        await sp.wait_exited()
-        await sp.teardown(self.kill_grace)
