@@ -1048,6 +1048,8 @@ class ClaudeService(pb_grpc.ClaudeServicer):
                     relay=self.relay.handler(route) if route.boxed and box is None else None,
                     cgroup=box.cgroup if box is not None else None,
                 )
+                if box is not None:  # under `sandbox: none`: a name and a cgroup
+                    sp.count_in(box)
         except BaseException:
             if endpoint is not None:
                 endpoint.close()

@@ -134,6 +134,17 @@ class Spawned:
     run: Run | None = None
     # OOM kills its cgroup had seen before it started (a named box's cgroup is shared).
     oom_before: int = 0
+    # The named box it runs in, counted in the box's `active` until its fds are closed.
+    home: Box | None = None
+    _counted: bool = False
+
+    def count_in(self, box: Box) -> None:
+        """Count the process as going in `box` (its idle clock stops) until close_fds."""
+        self.home = box
+        box.active += 1
+        box.runs += 1
+        box.touch()
+        self._counted = True
 
     async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
         """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise.
@@ -285,6 +296,10 @@ class Spawned:
 
     def close_fds(self) -> None:
         """Release everything the run holds: our pipe/PTY ends, the box, the run's cgroup."""
+        if self.home is not None and self._counted:
+            self.home.active -= 1
+            self.home.touch()
+            self._counted = False
         if self.run is not None:
             REAPER.end_run(self.run)
         if self.box is not None:
@@ -327,12 +342,10 @@ class InBox(Spawned):
     stream ends first (cancel, timeout, kill) is its group stopped.
     """
 
-    home: Box | None = None
     child: Child | None = None
     request: tuple[str, list[str], dict[str, str], str] = ("", [], {}, "")
     child_fds: list[int] = field(default_factory=list)
     stopped: bool = False
-    _counted: bool = False
 
     async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
         assert self.home is not None
@@ -350,10 +363,7 @@ class InBox(Spawned):
                 os.close(fd)
             self.child_fds = []
         self.pid = self.child.host_pid
-        self.home.active += 1
-        self.home.runs += 1
-        self.home.touch()
-        self._counted = True
+        self.count_in(self.home)
         audit(argv=argv, pid=self.pid, cwd=cwd, pty=self.pty_master is not None, box=self.home.name)
 
     async def wait_exited(self) -> None:
@@ -419,13 +429,8 @@ class InBox(Spawned):
         return cg is not None and cg.oom_kills() > self.oom_before
 
     def close_fds(self) -> None:
-        if self.home is not None:
-            if self.child is not None:
-                self.home.forget(self.child)
-            if self._counted:
-                self.home.active -= 1
-                self.home.touch()
-                self._counted = False
+        if self.home is not None and self.child is not None:
+            self.home.forget(self.child)
         super().close_fds()
 
 
@@ -711,8 +716,10 @@ def spawn(
         launch=launch,
         run=run,
     )
-    if box is not None and box.cgroup is not None:
-        sp.oom_before = box.cgroup.oom_kills()
+    if box is not None:  # under `sandbox: none`: a name and a cgroup
+        sp.count_in(box)
+        if box.cgroup is not None:
+            sp.oom_before = box.cgroup.oom_kills()
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
     except (AttributeError, OSError):

@@ -529,3 +529,22 @@ def test_a_joined_process_inherits_nothing_but_its_stdio(box: BoxHandle, pty: bo
     stream = box.exec([PY, "-c", probe], pty=pty)
     out = b"".join(ev.data for ev in stream if isinstance(ev, Output)).decode()
     assert out.strip() == "[0, 1, 2, 3]"
+
+
+def test_under_sandbox_none_a_box_is_a_name_and_a_cgroup(agent: AgentProc) -> None:
+    """No bwrap: a box's processes run like any others (their leftovers end with them), and
+    the box counts them, so its idle clock does not run while they do."""
+    with agent.client() as c:
+        box = c.box(f"plain-{uuid.uuid4().hex[:6]}", create=True)
+        try:
+            stream = box.exec(["sleep", "5"])
+            events = iter(stream)  # held: a dropped iterator ends the call
+            assert isinstance(next(events), Started)
+            [info] = [b for b in c.boxes.list() if b.name == box.name]
+            assert (info.sandbox, info.active, info.runs, info.pid) == ("none", 1, 1, 0)
+            stream.cancel()
+            assert wait_until(lambda: box.info().active == 0, 5)
+            assert box.run("echo plain").output == "plain\n"
+            assert box.info().runs == 2
+        finally:
+            box.remove()
