@@ -1162,6 +1162,8 @@ class ProcessService(pb_grpc.ProcessServicer):
             if refused:
                 raise refused[0]
             exit_msg = sp.exit_message(timed_out=timed_out)
+            if sp.home is not None and not sp.home.alive:
+                rec.ended_by = f"box {sp.home.name} {sp.home.reason or 'gone'}"
             audit(
                 exit_code=exit_msg.code,
                 signal=exit_msg.signal,

@@ -355,6 +355,8 @@ class RunRecord:
     control: asyncio.Queue[Any] | None = None
     task: asyncio.Future[Any] | None = None
     killed: bool = False
+    # Why it ended when something else ended it (e.g. "box web removed").
+    ended_by: str = ""
 
     @property
     def running(self) -> bool:
@@ -578,7 +580,7 @@ class Runs:
             return
         rec.exit = exit
         rec.state = "exited" if exit is not None else "lost"
-        rec.reason = reason or ("killed" if rec.killed else "")
+        rec.reason = reason or rec.ended_by or ("killed" if rec.killed else "")
         if exit is None and not rec.reason:
             rec.reason = "lost"
         rec.ended_at = time.time()

@@ -548,3 +548,18 @@ def test_under_sandbox_none_a_box_is_a_name_and_a_cgroup(agent: AgentProc) -> No
             assert box.info().runs == 2
         finally:
             box.remove()
+
+
+def test_a_detached_run_ends_with_its_box_and_says_so(vm: CoworkClient) -> None:
+    box = vm.box(f"det-{uuid.uuid4().hex[:6]}", create=True)
+    stream = box.exec(["sh", "-c", "echo before; sleep 300"], detach=True)
+    events = iter(stream)
+    first = next(events)
+    stream.cancel()
+    assert isinstance(first, Started)
+    box.remove()
+    done = vm.process.wait(first.run_id)
+    assert done.exit is not None and done.exit.signal == 9
+    assert done.reason == f"box {box.name} removed"
+    out = b"".join(ev.data for ev in vm.process.attach(first.run_id) if isinstance(ev, Output))
+    assert out == b"before\n"
