@@ -212,7 +212,11 @@ class Box:
                     report.set_result(status)
             elif "id" in msg:
                 waiter = self._pending.pop(int(msg["id"]), None)
-                if waiter is not None and not waiter.done():
+                if (waiter is None or waiter.done()) and "pid" in msg:
+                    # Started for a call that has gone meanwhile (cancelled during its
+                    # start): nobody will stop it, so it goes now.
+                    self._send_signal(int(msg["pid"]), signal.SIGKILL)
+                elif waiter is not None and not waiter.done():
                     if fds:
                         msg["_pidfd"] = fds.pop(0)
                     if "pid" in msg:
@@ -306,13 +310,16 @@ class Box:
         with contextlib.suppress(OSError):
             os.close(child.pidfd)
 
-    def signal_group(self, child: Child, sig: int) -> None:
-        """Signal the command's process group, from inside the box (fire and forget)."""
+    def _send_signal(self, pgid: int, sig: int) -> None:
         if self.sock is None or not self.alive:
             return
-        data = json.dumps({"op": "signal", "pgid": child.box_pid, "sig": sig}).encode()
+        data = json.dumps({"op": "signal", "pgid": pgid, "sig": sig}).encode()
         with contextlib.suppress(OSError):
             self.sock.send(data, socket.MSG_DONTWAIT)
+
+    def signal_group(self, child: Child, sig: int) -> None:
+        """Signal the command's process group, from inside the box (fire and forget)."""
+        self._send_signal(child.box_pid, sig)
         if sig == signal.SIGKILL and not child.report.done():
             # Whatever the box's first process does, the command itself dies.
             with contextlib.suppress(OSError):
