@@ -172,7 +172,8 @@ class Box:
 
     def gone_error(self) -> AgentError:
         return AgentError(
-            grpc.StatusCode.UNAVAILABLE, f"box {self.name} is gone: {self.reason or 'removed'}"
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"box {self.name} is gone: {self.reason or 'removed'}",
         )
 
     async def _read_loop(self) -> None:

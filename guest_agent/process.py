@@ -139,12 +139,15 @@ class Spawned:
     _counted: bool = False
 
     def count_in(self, box: Box) -> None:
-        """Count the process as going in `box` (its idle clock stops) until close_fds."""
+        """Count the process as going in `box` (its idle clock stops) until close_fds; OOM
+        kills of the box's shared cgroup count for it from now on."""
         self.home = box
         box.active += 1
         box.runs += 1
         box.touch()
         self._counted = True
+        if box.cgroup is not None:
+            self.oom_before = box.cgroup.oom_kills()
 
     async def activate(self, sandbox: Sandbox | None, grace: float) -> None:
         """Finish a sandboxed start (bridge the box's network, let it run); no-op otherwise.
@@ -292,6 +295,8 @@ class Spawned:
     def oom_killed(self) -> bool:
         """The run's cgroup saw the OOM killer (call before close_fds)."""
         cg = self.launch.cgroup if self.launch is not None else None
+        if cg is None and self.home is not None:
+            cg = self.home.cgroup  # started by the box's first process: the box's cgroup
         return cg is not None and cg.oom_kills() > self.oom_before
 
     def close_fds(self) -> None:
@@ -423,11 +428,6 @@ class InBox(Spawned):
     async def clear_leftovers(self, grace: float) -> None:
         """Nothing: what it left running belongs to the box (see teardown)."""
 
-    @property
-    def oom_killed(self) -> bool:
-        cg = self.home.cgroup if self.home is not None else None
-        return cg is not None and cg.oom_kills() > self.oom_before
-
     def close_fds(self) -> None:
         if self.home is not None and self.child is not None:
             self.home.forget(self.child)
@@ -483,8 +483,6 @@ def spawn_in_box(
     sp.home = box
     sp.request = (exe, argv, env, cwd)
     sp.child_fds = child_fds
-    if box.cgroup is not None:
-        sp.oom_before = box.cgroup.oom_kills()
     return sp
 
 
@@ -716,16 +714,13 @@ def spawn(
         launch=launch,
         run=run,
     )
-    if box is not None:  # under `sandbox: none`: a name and a cgroup
-        sp.count_in(box)
-        if box.cgroup is not None:
-            sp.oom_before = box.cgroup.oom_kills()
     try:
         sp.pidfd = os.pidfd_open(popen.pid)
     except (AttributeError, OSError):
         sp.pidfd = None
     audit(argv=argv, pid=popen.pid, cwd=cwd, pty=spec.pty, sandbox=launch is not None)
-    if box is not None:
+    if box is not None:  # under `sandbox: none`: a name and a cgroup
+        sp.count_in(box)
         audit(box=box.name)
     return sp
 

@@ -268,11 +268,13 @@ def test_killing_the_boxs_first_process_ends_the_box_cleanly(
     vm: CoworkClient, box: BoxHandle
 ) -> None:
     # The box's own code may kill it: the box is then reported gone, nothing hangs.
-    sh(box, "kill -KILL 2")  # pid 2 in the box: its first process
+    # pid 2 in the box: its first process (killed once this exec has been answered).
+    sh(box, "setsid sh -c 'sleep 0.3; kill -KILL 2' >/dev/null 2>&1 &")
     assert wait_until(lambda: box.info().state == "gone", 10)
     with pytest.raises(CoworkError) as e:
         box.run("true")
-    assert e.value.code == "UNAVAILABLE"
+    assert e.value.code == "FAILED_PRECONDITION"
+    assert f"box {box.name} is gone: its first process ended" in str(e.value)
     vm.boxes.create(box.name)  # the name is free again
 
 
@@ -557,6 +559,11 @@ def test_a_detached_run_ends_with_its_box_and_says_so(vm: CoworkClient) -> None:
     first = next(events)
     stream.cancel()
     assert isinstance(first, Started)
+
+    def journaled() -> int:
+        return next(r for r in vm.process.runs() if r.id == first.run_id).journal_end
+
+    assert wait_until(lambda: journaled() == len(b"before\n"), 10)
     box.remove()
     done = vm.process.wait(first.run_id)
     assert done.exit is not None and done.exit.signal == 9

@@ -99,7 +99,7 @@ class ProcessSpec(_message.Message):
     """
     box: _builtins.str
     """Run inside the named box (capability "boxes"; see box.proto): NOT_FOUND
-    for an unknown box, UNAVAILABLE for one that is gone, INVALID_ARGUMENT
+    for an unknown box, FAILED_PRECONDITION for one that is gone, INVALID_ARGUMENT
     with `limits` (a box's processes share the box's).
     """
     @_builtins.property
