@@ -64,12 +64,12 @@ def test_a_named_box_keeps_a_server_between_coworkctl_execs(vm: LimaHost) -> Non
             "echo served > /tmp/note"
         )
         coworkctl_ok(vm, "exec", "--box", "e2e", "--", "sh", "-c", serve)
-        probe = (
+        probe = (  # the server may take a moment to listen (TCG): ask until it answers
             "for i in $(seq 50); do "
-            "curl -s --noproxy '*' -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/ "
-            "&& exit 0; sleep 0.2; done; exit 1"
+            "code=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' http://127.0.0.1:8765/) "
+            '&& echo "$code" && exit 0; sleep 0.2; done; exit 1'
         )
-        assert coworkctl_ok(vm, "exec", "--box", "e2e", "--", "sh", "-c", probe) == "200"
+        assert coworkctl_ok(vm, "exec", "--box", "e2e", "--", "sh", "-c", probe) == "200\n"
         assert coworkctl_ok(vm, "exec", "--box", "e2e", "--", "cat", "/tmp/note") == "served\n"
         # Outside the box, neither the server's /tmp nor its loopback is there.
         r = vm.coworkctl("exec", "--", "cat", "/tmp/note")
