@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,6 +118,9 @@ class Box:
     _gone: asyncio.Event = field(default_factory=asyncio.Event)
     # Runs in it that reach the Claude API through its relay listener, by placeholder.
     routes: dict[str, Endpoint] = field(default_factory=dict)
+    # Its own home for the sandbox user (empty at first), so that boxes share no files
+    # outside the workspace; removed with the box.
+    home: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -356,6 +360,9 @@ class Box:
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
+        if self.home is not None:
+            shutil.rmtree(os.path.dirname(self.home), ignore_errors=True)
+            self.home = None
 
 
 def resolve_waiter(fut: asyncio.Future[None]) -> None:
@@ -420,9 +427,14 @@ class Boxes:
         policy: Callable[[], BoxLimits],
         default_dir: Callable[[], str],
         relay: ApiRelay | None = None,
+        state_dir: str | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.relay = relay
+        # Where the boxes' homes live: on disk (a home can hold Claude's session files).
+        self.state_dir = state_dir or os.path.join(
+            "/var/tmp", f"cowork-boxes-{os.getpid()}-{os.urandom(3).hex()}"
+        )
         self.policy = policy
         self.default_dir = default_dir
         self._boxes: dict[str, Box] = {}
@@ -488,9 +500,28 @@ class Boxes:
             raise
         return box
 
+    def _make_home(self, box: Box, sandbox: Sandbox) -> str | None:
+        """The box's own home directory (only where runs have a dedicated user)."""
+        user = sandbox.identity.user
+        if sandbox.identity.mode != "user":
+            return None
+        base = os.path.join(self.state_dir, f"{box.name}-{os.urandom(4).hex()}")
+        os.makedirs(self.state_dir, mode=0o711, exist_ok=True)
+        os.mkdir(base, 0o700)
+        home = os.path.join(base, "home")
+        os.mkdir(home, 0o700)
+        os.chown(home, user.uid, user.gid)
+        return home
+
     async def _boot(self, box: Box, sandbox: Sandbox) -> None:
         """Start bubblewrap with box_init.py as its command, and wait until it is ready."""
         python = _python_for(sandbox)
+        try:
+            box.home = self._make_home(box, sandbox)
+        except OSError as exc:
+            raise AgentError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot make the box's home: {exc}"
+            ) from None
         agent_end, box_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         box.sock = agent_end
         agent_end.setblocking(False)
@@ -506,6 +537,7 @@ class Boxes:
                 pty=False,
                 mode="bwrap",
                 cgroup=box.cgroup,
+                home=box.home,
             )
             if self.relay is not None:  # 127.0.0.1:3129 in the box: its runs' Claude API
                 launch.relay = self.relay.shared_handler(box.routes)
@@ -561,6 +593,7 @@ class Boxes:
             self._timer = None
         boxes, self._boxes = list(self._boxes.values()), {}
         await asyncio.gather(*(b.kill() for b in boxes), return_exceptions=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _schedule(self) -> None:
         """Check for idle boxes now and then (only while there are boxes)."""

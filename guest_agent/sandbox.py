@@ -437,11 +437,13 @@ class Sandbox:
         limits: Limits | None = None,
         mode: str | None = None,
         cgroup: RunCgroup | None = None,
+        home: str | None = None,
     ) -> Launch:
         """The command line that runs `argv` (argv[0] absolute) as configured; `mode` (the
         policy's sandbox mode, read by the caller) when the caller's env depends on it;
-        `cgroup` to run in an existing cgroup (a named box's) instead of one of its own."""
-        launch = self._launch(argv, env, cwd, pty, mode or self.mode())
+        `cgroup` to run in an existing cgroup (a named box's) instead of one of its own;
+        `home`: a directory the box shows as the user's home instead of the real one."""
+        launch = self._launch(argv, env, cwd, pty, mode or self.mode(), home)
         if cgroup is not None:  # a named box's: shared by its runs, removed with the box
             launch.cgroup, launch.owns_cgroup = cgroup, False
             launch.argv = cgroup.prefix() + launch.argv
@@ -476,7 +478,13 @@ class Sandbox:
         return env
 
     def _launch(
-        self, argv: list[str], env: dict[str, str], cwd: str, pty: bool, mode: str
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        pty: bool,
+        mode: str,
+        home: str | None = None,
     ) -> Launch:
         user = self.identity.user
         env = self.run_env(env, mode)
@@ -535,7 +543,12 @@ class Sandbox:
                 if parent not in made and _under_any(parent, emptied):
                     box += ["--perms", "0755", "--dir", parent]
                     made.add(parent)
-            box += [how, path] if how == "--tmpfs" else [how, path, path]
+            if how == "--tmpfs":
+                box += [how, path]
+            elif home is not None and path == self.identity.user.home:
+                box += ["--bind", home, path]  # a named box's own home
+            else:
+                box += [how, path, path]
         box += ["--chdir", cwd]
         if self.identity.mode == "root":
             box += ["--cap-drop", "ALL"]

@@ -570,3 +570,24 @@ def test_a_detached_run_ends_with_its_box_and_says_so(vm: CoworkClient) -> None:
     assert done.reason == f"box {box.name} removed"
     out = b"".join(ev.data for ev in vm.process.attach(first.run_id) if isinstance(ev, Output))
     assert out == b"before\n"
+
+
+def test_each_box_has_its_own_home(vm: CoworkClient, sandbox_user: str) -> None:
+    """Files a box writes to ~ are its own: neither another box nor a run outside any box
+    sees them, and they go with the box."""
+    a = vm.box(f"ha-{uuid.uuid4().hex[:6]}", create=True)
+    b = vm.box(f"hb-{uuid.uuid4().hex[:6]}", create=True)
+    try:
+        assert sh(a, 'echo mine > ~/a.txt; echo "$HOME"')[1].strip() == os.path.expanduser(
+            f"~{sandbox_user}"
+        )
+        assert sh(a, "cat ~/a.txt")[1] == "mine\n"
+        assert sh(b, "cat ~/a.txt 2>/dev/null || echo absent")[1] == "absent\n"
+        assert sh(vm, "cat ~/a.txt 2>/dev/null || echo absent")[1] == "absent\n"
+        assert sh(b, "touch ~/b.txt && echo writable")[1] == "writable\n"
+    finally:
+        a.remove()
+        b.remove()
+    import glob
+
+    assert glob.glob(f"/var/tmp/cowork-boxes-*/{a.name}-*") == []  # its home went with it
