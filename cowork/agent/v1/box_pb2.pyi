@@ -6,7 +6,8 @@ cowork guest agent contract: named boxes (capability "boxes").
 A box is a named, long-lived sandbox that many processes run in, one after
 the other or at once (ProcessSpec.box; Claude's AskRequest.box): one
 bubblewrap sandbox with its own mount, pid, net, ipc and uts namespaces, a
-private /tmp, its own egress bridge, and one cgroup with the box's limits,
+private /tmp and home (empty when the box is made, removed with it), its
+own egress bridge, and one cgroup with the box's limits,
 shared by everything in it. Processes of one box see each other (a server
 started by one exec answers the next on 127.0.0.1); two boxes see neither
 each other's processes nor their files outside the workspace. A process
