@@ -54,6 +54,7 @@ from . import box_init
 from .api_relay import ApiRelay, Endpoint
 from .cgroups import RunCgroup
 from .errors import AgentError, invalid, not_found, precondition
+from .fdio import write_all
 from .policy import BoxLimits, Limits
 from .reaper import REAPER, Run
 from .rpc import Context, audit
@@ -115,7 +116,6 @@ class Box:
     _reports: dict[int, asyncio.Future[int]] = field(default_factory=dict)
     _reader: asyncio.Future[None] | None = None
     _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _gone: asyncio.Event = field(default_factory=asyncio.Event)
     # Runs in it that reach the Claude API through its relay listener, by placeholder.
     routes: dict[str, Endpoint] = field(default_factory=dict)
     # Its own home for the sandbox user (empty at first), so that boxes share no files
@@ -244,7 +244,6 @@ class Box:
         if self.state != "ready":
             return
         self.state, self.reason = "gone", reason
-        self._gone.set()
         for waiter in self._pending.values():
             if not waiter.done():
                 waiter.set_exception(self.gone_error())
@@ -260,7 +259,7 @@ class Box:
         spec = json.dumps({"exe": exe, "argv": argv, "env": env, "cwd": cwd}).encode()
         memfd = os.memfd_create("cowork-spec", os.MFD_CLOEXEC)
         try:
-            _write_all(memfd, spec)
+            write_all(memfd, spec)
             rid = next(self._ids)
             waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self._pending[rid] = waiter
@@ -385,12 +384,6 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]]:
         return json.loads(data), list(fds)
     except ValueError:
         return {}, list(fds)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _start_error(reply: dict[str, Any], name: str, cwd: str) -> AgentError:
@@ -529,7 +522,7 @@ class Boxes:
             env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
             # The program from a memfd: the agent's own files may be out of the box's sight.
             source = os.memfd_create("cowork-box-init", os.MFD_CLOEXEC)
-            _write_all(source, _SOURCE)
+            write_all(source, _SOURCE)
             launch = sandbox.launch(
                 [python, "-I", "-S", f"/proc/self/fd/{source}", str(box_end.fileno())],
                 env,

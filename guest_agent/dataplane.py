@@ -64,6 +64,7 @@ from cowork.dataplane import (
 )
 
 from .errors import AgentError, from_oserror, invalid, precondition
+from .fdio import write_all
 from .files import (
     FilesService,
     _check_mode,
@@ -473,7 +474,7 @@ class DataPlane:
                 view = memoryview(buf)[:n]
                 _recv_into(rf, view)
                 digest.update(view)
-                _write_all(fd, view)
+                write_all(fd, view)
                 _add_bytes(n)
             else:
                 _receive_buffered(rf, fd, n, digest, buf)
@@ -635,16 +636,10 @@ def _receive_buffered(
         k = rf.readinto(view[: min(n, len(buf))])
         if not k:
             raise _Cut("mid-file")
-        _write_all(fd, view[:k])
+        write_all(fd, view[:k])
         digest.update(view[:k])
         _add_bytes(k)
         n -= k
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        k = os.write(fd, view)
-        view = view[k:]
 
 
 def _receive(conn: socket.socket, fd: int, n: int, digest: Any, base: int) -> int:

@@ -34,6 +34,7 @@ from cowork.agent.v1 import files_pb2_grpc as pb_grpc
 from cowork.defaults import FILE_CHUNK, LIST_LIMIT, MAX_FILE_CHUNK
 
 from .errors import AgentError, denied, from_oserror, invalid, not_found, precondition
+from .fdio import write_all
 from .paths import DIR_FLAGS, LIST_FLAGS, READ_FLAGS, STAT_FLAGS, Location, PathPolicy
 from .rpc import Context, add_bytes, audit, first_message
 from .sandbox import RunUser
@@ -357,7 +358,7 @@ class FilesService(pb_grpc.FilesServicer):
                 if kind == "data":
                     if len(req.data) > MAX_FILE_CHUNK:
                         raise invalid(f"chunk larger than {MAX_FILE_CHUNK} bytes")
-                    await io.run(_write_all, fd, req.data)
+                    await io.run(write_all, fd, req.data)
                     digest.update(req.data)
                     written += len(req.data)
                 elif kind == "commit":
@@ -673,13 +674,6 @@ def _unlink(dirfd: int, name: str) -> bool:
     except IsADirectoryError:
         return False
     return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _finish_temp(fd: int, mode: int, mtime_ns: int) -> None:

@@ -48,6 +48,7 @@ from cowork.agent.v1 import process_pb2 as pb
 from cowork.defaults import AUDIT_VALUE_CHARS
 
 from .errors import AgentError, invalid, not_found, precondition
+from .fdio import write_all
 from .policy import RunLimits
 
 log = logging.getLogger("cowork.runs")
@@ -174,7 +175,7 @@ class Journal:
                 self.end += units  # lost (the disk refused it): offsets still count it
                 return
         try:
-            _write_all(self._fd, _HEADER.pack(kind, len(data)) + data)  # type: ignore[arg-type]
+            write_all(self._fd, _HEADER.pack(kind, len(data)) + data)  # type: ignore[arg-type]
         except OSError as exc:
             if not self.write_error:
                 log.warning("journal %s: cannot write: %s", self.dir, exc)
@@ -240,13 +241,6 @@ class Journal:
                 await changed.wait()
         finally:
             cursor.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class _Cursor:

@@ -342,9 +342,10 @@ def test_upload_outside_the_root_is_permission_denied(
 ) -> None:
     src = tmp_path / "f"
     src.write_bytes(b"x")
+    target = agent.dir / "outside-upload.txt"  # a name no other test (sharing the agent) uses
     with pytest.raises(PermissionDenied):
-        client.upload(str(src), str(agent.dir / "outside.txt"))
-    assert not (agent.dir / "outside.txt").exists()
+        client.upload(str(src), str(target))
+    assert not target.exists()
 
 
 def test_upload_through_an_escaping_symlink_is_refused(
