@@ -444,6 +444,17 @@ class Boxes:
             raise box.gone_error()
         return box
 
+    def for_run(self, name: str, limits: Limits | None) -> Box:
+        """The box a run asked to join; INVALID_ARGUMENT when it also asked for limits of
+        its own (a box's processes share the box's)."""
+        box = self.get(name)
+        if limits is not None:
+            raise invalid(
+                f"a box's processes share the box's limits: give them to `box new`, "
+                f"not to a run in box {box.name}"
+            )
+        return box
+
     def list(self) -> list[Box]:
         return sorted(self._boxes.values(), key=lambda b: b.created_at)
 

@@ -1009,12 +1009,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         if request.box:
             if self.boxes is None:
                 raise precondition("this agent has no named boxes")
-            box = self.boxes.get(request.box)
-            if limits is not None:
-                raise invalid(
-                    f"a box's processes share the box's limits: give them to `box new`, "
-                    f"not to a run in box {box.name}"
-                )
+            box = self.boxes.for_run(request.box, limits)
             audit(box=box.name)
         mode = (
             box.mode

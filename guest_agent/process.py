@@ -560,12 +560,7 @@ def spawn(
     if spec.box:
         if boxes is None:
             raise precondition("this agent has no named boxes")
-        box = boxes.get(spec.box)
-        if limits_of(spec.limits) is not None:
-            raise invalid(
-                f"a box's processes share the box's limits: give them to `box new`, "
-                f"not to a process in box {box.name}"
-            )
+        box = boxes.for_run(spec.box, limits_of(spec.limits))
     argv = _argv(spec)
     check_timeout(spec.timeout_ms)
     if spec.pty:
