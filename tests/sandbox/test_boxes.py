@@ -591,3 +591,35 @@ def test_each_box_has_its_own_home(vm: CoworkClient, sandbox_user: str) -> None:
     import glob
 
     assert glob.glob(f"/var/tmp/cowork-boxes-*/{a.name}-*") == []  # its home went with it
+
+
+def test_cli_shell_in_a_box_sees_what_an_exec_left_there(boxed: AgentProc, box: BoxHandle) -> None:
+    """`coworkctl shell --box NAME` on a real terminal: a login shell inside the box."""
+    import pty
+    import select
+
+    box.run("echo left-for-the-shell > /tmp/for-shell")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: coworkctl shell on the terminal
+        base = [sys.executable, "-m", "host_client.cli", "--target", boxed.target]
+        args = ["--token-file", str(boxed.token_file), "shell", "--box", box.name]
+        os.execv(sys.executable, [*base, *args, "--shell", "/bin/sh"])
+    seen = b""
+    try:
+        for _ in range(200):  # typed until the shell answers (before raw mode, lines flush)
+            os.write(fd, b"cat /tmp/for-shell; echo marker-$((6*7))\r")
+            ready, _, _ = select.select([fd], [], [], 0.25)
+            while ready:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+                ready, _, _ = select.select([fd], [], [], 0.25)
+            if b"marker-42" in seen:
+                break
+        assert b"left-for-the-shell" in seen and b"marker-42" in seen, seen[-500:]
+        os.write(fd, b"exit 5\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 5
+    finally:
+        os.close(fd)
