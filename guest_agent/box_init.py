@@ -74,6 +74,16 @@ def _read_spec(fd: int) -> dict[str, object]:
     return spec
 
 
+def _started(sock: socket.socket, rid: object, pid: int, started: set[int]) -> None:
+    """Tell the agent the command runs: its pid here, and a pidfd for the agent to watch."""
+    started.add(pid)
+    pidfd = os.pidfd_open(pid)
+    try:
+        _send(sock, {"id": rid, "pid": pid}, [pidfd])
+    finally:
+        os.close(pidfd)
+
+
 def _child(spec: dict[str, object], pty: bool, stdio: list[int], report: int) -> None:
     """In the forked child: become the command (never returns)."""
     where = "setup"
@@ -156,12 +166,7 @@ def _spawn(sock: socket.socket, req: dict[str, object], fds: list[int], started:
             reason = {"error": errno.EIO, "where": "exec"}
         _send(sock, {"id": rid, **reason})
         return
-    started.add(pid)
-    pidfd = os.pidfd_open(pid)
-    try:
-        _send(sock, {"id": rid, "pid": pid}, [pidfd])
-    finally:
-        os.close(pidfd)
+    _started(sock, rid, pid, started)
 
 
 def _posix_spawn(
@@ -191,12 +196,7 @@ def _posix_spawn(
         os.chdir("/")
         for fd in stdio:
             os.close(fd)
-    started.add(pid)
-    pidfd = os.pidfd_open(pid)
-    try:
-        _send(sock, {"id": rid, "pid": pid}, [pidfd])
-    finally:
-        os.close(pidfd)
+    _started(sock, rid, pid, started)
 
 
 def main() -> None:

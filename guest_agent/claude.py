@@ -67,6 +67,7 @@ from .cgroups import RunCgroup
 from .config import AgentConfig
 from .egress import OFFLINE, EgressLog
 from .errors import AgentError, denied, invalid, not_found, precondition
+from .exec_relay import no_proxy_for_loopback
 from .info import AgentService
 from .paths import PathPolicy
 from .policy import Limits, RunLimits
@@ -590,16 +591,6 @@ def _lines(sink: Any) -> Any:
     return feed, flush
 
 
-def _no_proxy_for_loopback(env: dict[str, str]) -> None:
-    """An inherited HTTP(S)_PROXY must not carry the CLI's calls to its loopback relay."""
-    if not any(k.lower() in ("http_proxy", "https_proxy", "all_proxy") for k in env):
-        return
-    for name in ("NO_PROXY", "no_proxy"):
-        have = [x for x in env.get(name, "").split(",") if x.strip()]
-        if "127.0.0.1" not in have:
-            env[name] = ",".join([*have, "127.0.0.1"])
-
-
 # -- processes ----------------------------------------------------------------------------
 def _spawn(
     argv: list[str],
@@ -1027,7 +1018,7 @@ class ClaudeService(pb_grpc.ClaudeServicer):
         else:
             endpoint = await self.relay.serve_loopback(route)
             env.update(route.env(endpoint.base_url))
-            _no_proxy_for_loopback(env)
+            no_proxy_for_loopback(env)
         try:
             if box is not None and box.mode == "bwrap":
                 sp, stdin_fd = _spawn_in_box(box, argv, cwd, env, self.sandbox)

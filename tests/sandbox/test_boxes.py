@@ -220,7 +220,8 @@ def test_joined_process_has_the_seccomp_filter(box: BoxHandle) -> None:
 def test_joined_process_is_in_the_boxs_cgroup(box: BoxHandle) -> None:
     sh(box, "true")
     stream = box.exec(["sleep", "5"])
-    started = next(iter(stream))
+    events = iter(stream)  # held: a dropped iterator ends the call (and the sleep)
+    started = next(events)
     try:
         assert isinstance(started, Started) and started.pid > 0
         assert _cgroup_of(started.pid) == _cgroup_of(box.info().pid)
