@@ -338,6 +338,64 @@ class Spawned:
 
 
 @dataclass
+class _Stdio:
+    """A command's stdio before it starts: the ends it gets (`child`: stdin, stdout,
+    stderr, or the one tty) and ours (the PTY master, or the pipes' other ends)."""
+
+    child: list[int]
+    stdin_fd: int | None
+    out_fds: list[tuple[str, int]]
+    master: int | None
+
+    def close_ours(self) -> None:
+        for fd in {self.stdin_fd, self.master, *(fd for _, fd in self.out_fds)} - {None}:
+            assert fd is not None
+            os.close(fd)
+
+    def close_child(self) -> None:
+        for fd in self.child:
+            os.close(fd)
+        self.child = []
+
+
+def _stdio(pty: bool, keep_stdin: bool, rows: int, cols: int) -> _Stdio:
+    """Pipes (stdin only with `keep_stdin`, else /dev/null) or a PTY sized rows x cols; our
+    ends non-blocking and close-on-exec. OSError leaves nothing open."""
+    made: list[int] = []
+    try:
+        if pty:
+            master, slave = os.openpty()
+            made += [master, slave]
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(rows, cols))
+            os.set_inheritable(master, False)
+            _set_nonblocking(master)
+            return _Stdio([slave], master, [("stdout", master)], master)
+        if keep_stdin:
+            r_in, w_in = os.pipe2(os.O_CLOEXEC)
+            made += [r_in, w_in]
+            _set_nonblocking(w_in)
+        else:
+            r_in, w_in = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
+            made.append(r_in)
+        r_out, w_out = os.pipe2(os.O_CLOEXEC)
+        made += [r_out, w_out]
+        r_err, w_err = os.pipe2(os.O_CLOEXEC)
+        made += [r_err, w_err]
+        _set_nonblocking(r_out)
+        _set_nonblocking(r_err)
+        return _Stdio(
+            [r_in, w_out, w_err],
+            w_in if keep_stdin else None,
+            [("stdout", r_out), ("stderr", r_err)],
+            None,
+        )
+    except OSError:
+        for fd in made:
+            os.close(fd)
+        raise
+
+
+@dataclass
 class InBox(Spawned):
     """A command the box's first process starts inside a named box (boxes.py).
 
@@ -446,43 +504,14 @@ def spawn_in_box(
     cols: int = 0,
 ) -> InBox:
     """The stdio of a command for `box` (its start is InBox.activate)."""
-    child_fds: list[int] = []
     try:
-        if pty:
-            master, slave = os.openpty()
-            child_fds.append(slave)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(rows, cols))
-            os.set_inheritable(master, False)
-            _set_nonblocking(master)
-            sp = InBox(
-                popen=None, pid=0, stdin_fd=master, out_fds=[("stdout", master)], pty_master=master
-            )
-        else:
-            if keep_stdin:
-                r_in, w_in = os.pipe2(os.O_CLOEXEC)
-                child_fds.append(r_in)
-            else:
-                w_in = -1
-                child_fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            r_out, w_out = os.pipe2(os.O_CLOEXEC)
-            r_err, w_err = os.pipe2(os.O_CLOEXEC)
-            child_fds += [w_out, w_err]
-            for fd in (r_out, r_err, *([w_in] if keep_stdin else [])):
-                _set_nonblocking(fd)
-            sp = InBox(
-                popen=None,
-                pid=0,
-                stdin_fd=w_in if keep_stdin else None,
-                out_fds=[("stdout", r_out), ("stderr", r_err)],
-                pty_master=None,
-            )
+        io = _stdio(pty, keep_stdin, rows, cols)
     except OSError as exc:
-        for fd in child_fds:
-            os.close(fd)
         raise from_oserror(exc, argv[0]) from None
+    sp = InBox(popen=None, pid=0, stdin_fd=io.stdin_fd, out_fds=io.out_fds, pty_master=io.master)
     sp.home = box
     sp.request = (exe, argv, env, cwd)
-    sp.child_fds = child_fds
+    sp.child_fds = io.child
     return sp
 
 
@@ -611,25 +640,21 @@ def spawn(
     # left the process group (see reaper.py).
     run = REAPER.new_run()
     env = {**env, **run.env}
-    master: int | None = None
-    parent_fds: list[int] = []
-    child_fds: list[int] = []
+    io: _Stdio | None = None
     try:
+        io = _stdio(spec.pty, keep_stdin, spec.rows, spec.cols)
         if spec.pty:
-            master, slave = os.openpty()
-            child_fds.append(slave)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, _winsize(spec.rows, spec.cols))
-            os.set_inheritable(master, False)
             # Not a group leader, so setsid(1) calls setsid() itself without
             # forking: the pid we get is the session's (and the job's) pid.
             # Wrapped (user switch, cgroup, box), setsid --ctty is part of the launch.
+            [tty] = io.child
             popen = subprocess.Popen(
                 launch.argv
                 if launch is not None
                 else [require_tool("setsid"), "--ctty", exe, *argv[1:]],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
+                stdin=tty,
+                stdout=tty,
+                stderr=tty,
                 cwd=cwd,
                 env=env,
                 close_fds=True,
@@ -637,42 +662,24 @@ def spawn(
                 # A box's bwrap leads a session of its own; setsid --ctty runs inside it.
                 start_new_session=launch is not None and launch.info_r is not None,
             )
-            stdin_fd: int | None = master
-            out_fds = [("stdout", master)]
-            _set_nonblocking(master)
         else:
-            r_out, w_out = os.pipe2(os.O_CLOEXEC)
-            r_err, w_err = os.pipe2(os.O_CLOEXEC)
-            parent_fds += [r_out, r_err]
-            child_fds += [w_out, w_err]
-            if keep_stdin:
-                r_in, w_in = os.pipe2(os.O_CLOEXEC)
-                parent_fds.append(w_in)
-                child_fds.append(r_in)
-                stdin_arg: Any = r_in
-            else:
-                w_in = -1
-                stdin_arg = subprocess.DEVNULL
+            stdin, stdout, stderr = io.child
             popen = subprocess.Popen(
                 launch.argv if launch is not None else argv,
                 executable=None if launch is not None else exe,
-                stdin=stdin_arg,
-                stdout=w_out,
-                stderr=w_err,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
                 close_fds=True,
                 pass_fds=launch.pass_fds if launch is not None else (),
             )
-            stdin_fd = w_in if keep_stdin else None
-            out_fds = [("stdout", r_out), ("stderr", r_err)]
-            for fd in parent_fds:
-                _set_nonblocking(fd)
     except OSError as exc:
         REAPER.end_run(run)
-        for fd in parent_fds + ([master] if master is not None else []):
-            os.close(fd)
+        if io is not None:
+            io.close_ours()
         if launch is not None:
             launch.abandon()
         if isinstance(exc, FileNotFoundError):
@@ -693,19 +700,21 @@ def spawn(
         raise AgentError(code, f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     except BaseException:
         REAPER.end_run(run)
+        if io is not None:
+            io.close_ours()
         raise
     finally:
-        for fd in child_fds:
-            os.close(fd)
+        if io is not None:
+            io.close_child()
         if launch is not None:
             launch.close_child_fds()
     REAPER.track(popen.pid, run)
     sp = Spawned(
         popen=popen,
         pid=popen.pid,
-        stdin_fd=stdin_fd,
-        out_fds=out_fds,
-        pty_master=master,
+        stdin_fd=io.stdin_fd,
+        out_fds=io.out_fds,
+        pty_master=io.master,
         launch=launch,
         run=run,
     )

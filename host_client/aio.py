@@ -490,6 +490,10 @@ class AsyncBoxes:
         """Every box the agent has (oldest first)."""
         return await self._worker.call(self._sync.list)
 
+    async def get(self, name: str) -> BoxInfo:
+        """The box named `name` as `list` reports it (NotFound when there is none)."""
+        return await self._worker.call(self._sync.get, name)
+
     async def remove(self, name: str) -> BoxInfo:
         """Kill everything in the box and forget it."""
         return await self._worker.call(self._sync.remove, name)
@@ -512,8 +516,7 @@ class AsyncBoxHandle:
 
     async def info(self) -> BoxInfo:
         """The box as Box.List reports it (NotFound once it is removed)."""
-        handle = self._client.sync.box(self.name)
-        return await self._client._worker.call(handle.info)
+        return await self._client.boxes.get(self.name)
 
     async def remove(self) -> BoxInfo:
         """Kill everything in it and forget it."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from cowork.agent.v1 import box_pb2, box_pb2_grpc, process_pb2
 
 from .. import requests as rq
+from ..errors import NotFound
 from ..models import BoxInfo, ExecutionResult
 from .connection import Connection
 from .process import BOXES_FEATURE
@@ -44,6 +45,13 @@ class Boxes:
         resp = self._conn.unary(self._stub().List, box_pb2.ListBoxesRequest())
         return [box_info(b) for b in resp.boxes]
 
+    def get(self, name: str) -> BoxInfo:
+        """The box named `name` as `list` reports it (NotFound when there is none)."""
+        for b in self.list():
+            if b.name == name:
+                return b
+        raise NotFound(f"no box named {name}")
+
     def remove(self, name: str) -> BoxInfo:
         """Kill everything in the box and forget it (NotFound for an unknown name)."""
         req = box_pb2.RemoveBoxRequest(name=name)
@@ -68,12 +76,7 @@ class BoxHandle:
 
     def info(self) -> BoxInfo:
         """The box as Box.List reports it (NotFound once it is removed)."""
-        for b in self._boxes.list():
-            if b.name == self.name:
-                return b
-        from ..errors import NotFound
-
-        raise NotFound(f"no box named {self.name}")
+        return self._boxes.get(self.name)
 
     def remove(self) -> BoxInfo:
         """Kill everything in it and forget it."""

@@ -12,7 +12,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .common import fail, human_bytes, make_client, print_json
+from ..units import human_age, human_bytes
+from .common import fail, make_client, print_json
 
 if TYPE_CHECKING:
     from ..models import BoxInfo
@@ -104,13 +105,6 @@ def _limits(info: BoxInfo) -> str:
     return ", ".join(parts) or "-"
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     client = make_client(args)
     try:
@@ -130,9 +124,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     now = time.time()
     for b in boxes:
         state = b.state if b.state == "ready" else f"gone: {b.reason}"
-        idle = "-" if b.active else _age(b.idle_seconds)
+        idle = "-" if b.active else human_age(b.idle_seconds)
         print(
-            f"{b.name:<20}  {state:<6}  {b.sandbox:<7}  {_age(now - b.created_at):>5}  "
+            f"{b.name:<20}  {state:<6}  {b.sandbox:<7}  {human_age(now - b.created_at):>5}  "
             f"{idle:>5}  {b.active:>7}  {b.runs:>6}  {_limits(b)}"
         )
     return 0

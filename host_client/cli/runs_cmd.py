@@ -16,6 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..units import human_age
 from .common import CliError, fail, make_client, print_json
 
 if TYPE_CHECKING:
@@ -73,11 +74,7 @@ def register(sub: Any) -> None:
 
 
 def _ago(ts: float) -> str:
-    secs = max(0.0, time.time() - ts)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= size:
-            return f"{int(secs // size)}{unit} ago"
-    return f"{int(secs)}s ago"
+    return f"{human_age(time.time() - ts)} ago"
 
 
 def describe_end(info: RunInfo) -> str:
